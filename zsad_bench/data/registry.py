@@ -1,0 +1,66 @@
+"""Dataset adapters by scheme: ``mvtec:PATH``, ``visa:PATH``, ``folder:PATH``, ``meta:PATH``, ``synthetic``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from zsad_bench.data.records import Dataset
+from zsad_bench.errors import DataError
+from zsad_bench.registry import Registry
+
+
+class DatasetLoader(Protocol):
+    def __call__(self, root: Path | None) -> Dataset: ...
+
+
+@dataclass(frozen=True)
+class DatasetAdapter:
+    """A registered adapter: ``load(root)`` builds the dataset; ``needs_path`` is False for ``synthetic``."""
+
+    scheme: str
+    load: DatasetLoader
+    description: str
+    needs_path: bool = True
+
+
+DATASETS: Registry[DatasetAdapter] = Registry("dataset adapter", "zsad_bench.datasets")
+
+
+def register_dataset(
+    scheme: str, description: str, needs_path: bool = True
+) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Decorator registering ``load(root) -> Dataset`` as the adapter for ``scheme:PATH``."""
+
+    def deco(fn: DatasetLoader) -> DatasetLoader:
+        DATASETS.register(scheme, DatasetAdapter(scheme, fn, description, needs_path))
+        return fn
+
+    return deco
+
+
+def list_datasets() -> list[DatasetAdapter]:
+    return [a for _, a in DATASETS.items()]
+
+
+def open_dataset(spec: str, categories: Sequence[str] | None = None) -> Dataset:
+    """Open ``SCHEME:PATH`` (or ``synthetic``/``synthetic:PATH``), optionally keeping ``categories``."""
+    scheme, _, path = spec.partition(":")
+    adapter = DATASETS.get(scheme)
+    if adapter.needs_path and not path:
+        raise DataError(f"dataset '{spec}' needs a path: use {scheme}:/path/to/root")
+    root = Path(path).expanduser() if path else None
+    if root is not None and not root.exists():
+        raise DataError(f"{root}: dataset root does not exist (from '{spec}'); check the path")
+    ds = adapter.load(root)
+    if categories:
+        missing = [c for c in categories if c not in ds.categories]
+        if missing:
+            raise DataError(
+                f"{ds.root}: unknown categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}; "
+                f"available: {', '.join(ds.categories)}"
+            )
+        ds = ds.select(categories)
+    return ds

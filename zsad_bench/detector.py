@@ -1,0 +1,222 @@
+"""The Detector interface every method plugin implements, and the method registry.
+
+A method declares its :class:`LearningType`, is fitted once through :meth:`Detector.fit` (on the
+auxiliary set for zero-shot methods, on k normal images of the target category for few-shot ones,
+never for training-free ones) and predicts per image an anomaly map and an image score.
+
+Plugins register with :func:`register_method`; :func:`create_method` builds one by name,
+:func:`list_methods` filters names with a shell pattern (like timm's ``list_models``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+
+from zsad_bench.backbones.base import Backbone, Features
+from zsad_bench.data.records import Sample
+from zsad_bench.errors import ZsadError
+from zsad_bench.registry import Registry
+
+
+class LearningType(enum.StrEnum):
+    """How a method may use data before it scores a target category."""
+
+    TRAINING_FREE = "training-free"  # nothing but the test image (and possibly text prompts)
+    ZERO_SHOT = "zero-shot"  # trained on a labelled auxiliary dataset, never on target categories
+    FEW_SHOT = "few-shot"  # k normal images of the target category
+
+
+@dataclass
+class Batch:
+    """A batch handed to a detector.
+
+    ``features`` come from the feature cache (absent for methods with ``needs_images``);
+    ``images`` are the backbone-preprocessed ``(B, 3, S, S)`` images (only for ``needs_images``);
+    ``masks`` are ``(B, S, S)`` float {0, 1} ground truth at the input size S, present only in
+    training data (auxiliary set).
+    """
+
+    samples: list[Sample]
+    features: Features | None
+    images: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([s.label for s in self.samples])
+
+
+class DataSource(Protocol):
+    """Samples with cached features, iterable in batches; what ``fit`` and ``predict_source`` get."""
+
+    samples: list[Sample]
+    image_size: int
+
+    def __len__(self) -> int: ...
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, seed: int = 0, masks: bool = False
+    ) -> Iterator[Batch]: ...
+
+
+@dataclass
+class Prediction:
+    """Per-image outputs at the method's input size S: ``maps`` ``(B, S, S)``, ``scores`` ``(B,)``."""
+
+    maps: torch.Tensor
+    scores: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.maps.ndim != 3 or self.scores.ndim != 1 or self.maps.shape[0] != self.scores.shape[0]:
+            raise ValueError(f"Prediction shapes maps {tuple(self.maps.shape)} scores {tuple(self.scores.shape)}")
+
+
+@dataclass
+class FitContext:
+    """Run context a detector may use while fitting: device, seed, where to keep reusable artifacts."""
+
+    device: torch.device
+    seed: int = 111
+    artifacts_dir: Path | None = None
+    progress: bool = True
+    epochs_scale: float = 1.0
+    log: Callable[[str], None] = print
+
+
+class Detector(ABC):
+    """Base class of method plugins. Subclasses set the class attributes and implement ``predict``.
+
+    ``Config`` is a dataclass of the method's hyper-parameters (defaults = the paper/official code);
+    ``create_method`` validates user overrides against it.
+    """
+
+    name: ClassVar[str]
+    learning_type: ClassVar[LearningType]
+    paper: ClassVar[str] = ""
+    default_backbone: ClassVar[str] = "effnet-lite0"
+    supported_backbones: ClassVar[tuple[str, ...] | None] = None  # None: any registered backbone
+    needs_images: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False
+    feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, backbone: Backbone, config: Config | None = None, device: str | torch.device = "cpu") -> None:
+        self.backbone = backbone
+        self.config = config if config is not None else type(self).Config()
+        self.device = torch.device(device)
+
+    def fit(self, data: DataSource, ctx: FitContext) -> None:
+        """Learn from ``data``: the auxiliary set (zero-shot) or k normal references (few-shot).
+
+        Training-free methods keep this default, which the runner never calls.
+        """
+        if self.learning_type is not LearningType.TRAINING_FREE:
+            raise ZsadError(f"method '{self.name}' ({self.learning_type}) must implement fit()")
+
+    @abstractmethod
+    def predict(self, batch: Batch) -> Prediction:
+        """Anomaly maps ``(B, S, S)`` and image scores ``(B,)`` for one batch of a target category."""
+
+    def predict_source(self, data: DataSource, batch_size: int = 8) -> Iterator[tuple[Batch, Prediction]]:
+        """Predict a whole target category. Transductive methods (MuSc) override this."""
+        for batch in data.batches(batch_size):
+            yield batch, self.predict(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything ``fit`` learned, as tensors/plain values (empty for training-free methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def summary(self) -> dict[str, float]:
+        """Extra per-run numbers stored with the results (e.g. SPG's guide sparsity)."""
+        return {}
+
+
+D = TypeVar("D", bound=type[Detector])
+
+METHODS: Registry[type[Detector]] = Registry("method", "zsad_bench.methods")
+
+
+def register_method(cls: D) -> D:
+    """Class decorator: register a :class:`Detector` subclass under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Detector)):
+        raise TypeError("register_method decorates Detector subclasses")
+    METHODS.register(cls.name, cls)
+    return cls
+
+
+def list_methods(pattern: str = "*", learning_type: LearningType | str | None = None) -> list[str]:
+    """Registered method names matching ``pattern`` (and ``learning_type`` when given)."""
+    names = METHODS.names(pattern)
+    if learning_type is not None:
+        names = [n for n in names if METHODS.get(n).learning_type == LearningType(learning_type)]
+    return names
+
+
+def get_method_class(name: str) -> type[Detector]:
+    return METHODS.get(name)
+
+
+def parse_overrides(cls: type[Detector], overrides: dict[str, Any]) -> Any:
+    """Build ``cls.Config`` from ``{field: value}``; strings (from the CLI) are converted to field types."""
+    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+    hints = typing.get_type_hints(cls.Config)
+    kwargs: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise ZsadError(f"method '{cls.name}' has no option '{key}'; options: {known}")
+        kwargs[key] = _convert(value, hints[key], f"{cls.name}.{key}") if isinstance(value, str) else value
+    return cls.Config(**kwargs)
+
+
+def _convert(value: str, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+            return None
+        return _convert(value, args[0], where)
+    if origin is tuple or origin is list:
+        items = [v for v in value.split(",") if v]
+        conv = [_convert(v, args[0], where) for v in items]
+        return tuple(conv) if origin is tuple else conv
+    try:
+        if hint is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            return hint(value)
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ZsadError(f"option {where}: cannot read '{value}' as {getattr(hint, '__name__', hint)}") from None
+
+
+def create_method(
+    name: str, backbone: Backbone, device: str | torch.device = "cpu", **overrides: Any
+) -> Detector:
+    """Build method ``name`` on ``backbone`` with config overrides (unknown keys are an error)."""
+    cls = get_method_class(name)
+    if cls.supported_backbones is not None and backbone.name not in cls.supported_backbones:
+        raise ZsadError(
+            f"method '{name}' does not run on backbone '{backbone.name}'; "
+            f"use --backbone {' or '.join(cls.supported_backbones)}"
+        )
+    return cls(backbone, parse_overrides(cls, overrides), device)
