@@ -88,7 +88,6 @@ class FitContext:
     seed: int = 111
     artifacts_dir: Path | None = None
     progress: bool = True
-    epochs_scale: float = 1.0
     log: Callable[[str], None] = print
 
 
@@ -139,7 +138,9 @@ class Detector(ABC):
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (methods that learn something override both)."""
+        if state:
+            raise ZsadError(f"method '{self.name}' has no learned state, but a checkpoint holds {sorted(state)}")
 
     def summary(self) -> dict[str, float]:
         """Extra per-run numbers stored with the results (e.g. SPG's guide sparsity)."""
@@ -209,9 +210,7 @@ def _convert(value: str, hint: Any, where: str) -> Any:
         raise ZsadError(f"option {where}: cannot read '{value}' as {getattr(hint, '__name__', hint)}") from None
 
 
-def create_method(
-    name: str, backbone: Backbone, device: str | torch.device = "cpu", **overrides: Any
-) -> Detector:
+def create_method(name: str, backbone: Backbone, device: str | torch.device = "cpu", **overrides: Any) -> Detector:
     """Build method ``name`` on ``backbone`` with config overrides (unknown keys are an error)."""
     cls = get_method_class(name)
     if cls.supported_backbones is not None and backbone.name not in cls.supported_backbones:

@@ -1,4 +1,4 @@
-"""Where zsad-bench keeps caches: ``$ZSAD_BENCH_CACHE``, else ``$XDG_CACHE_HOME/zsad-bench``, else ``~/.cache/zsad-bench``."""
+"""Where zsad-bench keeps caches: ``$ZSAD_BENCH_CACHE``, else ``$XDG_CACHE_HOME/zsad-bench``."""
 
 from __future__ import annotations
 

@@ -57,7 +57,9 @@ class Registry(Generic[T]):
             self.load_plugins()
         if name not in self._items:
             known = ", ".join(self.names()) or "none"
-            hint = f" (plugin '{name}' failed to import: {self._load_errors[name]})" if name in self._load_errors else ""
+            hint = (
+                f" (plugin '{name}' failed to import: {self._load_errors[name]})" if name in self._load_errors else ""
+            )
             raise ZsadError(f"unknown {self.kind} '{name}'{hint}; known: {known}")
         return self._items[name]
 

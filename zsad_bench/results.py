@@ -7,7 +7,8 @@ Schema ``zsad-bench/results/v1``::
      "learning_type", "versions": {...}, "git_commit", "device", "created",
      "metric_variants": {metric: description},
      "records": [{"seed", "target", "category", "n_images", "metrics": {name: fraction}, "seconds"}],
-     "summary": {name: number}, "timings": {name: seconds}, "complete": bool}
+     "summary": {name: number}, "timings": {name: seconds},
+     "artifacts": {name: path of a fitted checkpoint ...}, "complete": bool}
 
 Metric values are fractions in [0, 1] (tables show percentages); NaN is stored as null.
 """
@@ -59,6 +60,7 @@ class RunResult:
     records: list[CategoryRecord] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
     complete: bool = False
     kind: str = "eval"
     schema: str = SCHEMA

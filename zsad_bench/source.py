@@ -49,9 +49,7 @@ class FeatureSource:
             sub._features = lambda js: feats([idx[j] for j in js])
         return sub
 
-    def batches(
-        self, batch_size: int, shuffle: bool = False, seed: int = 0, masks: bool = False
-    ) -> Iterator[Batch]:
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, masks: bool = False) -> Iterator[Batch]:
         order = np.arange(len(self.samples))
         if shuffle:
             order = np.random.default_rng(seed).permutation(order)
@@ -71,7 +69,9 @@ class FeatureSource:
         return torch.from_numpy(np.stack([self._masks(s, self.image_size) for s in samples])).float()
 
 
-def tensor_features(patches: torch.Tensor, global_token: torch.Tensor | None = None, layer: str = "last") -> FeatureGetter:
+def tensor_features(
+    patches: torch.Tensor, global_token: torch.Tensor | None = None, layer: str = "last"
+) -> FeatureGetter:
     """A getter over in-memory features ``(N, h, w, C)`` (tests and hand-made features)."""
 
     def get(indices: Sequence[int]) -> Features:
