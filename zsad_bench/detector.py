@@ -106,6 +106,8 @@ class Detector(ABC):
     needs_images: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
+    # Config fields that only affect predict(): changing them reuses a fitted checkpoint.
+    inference_options: ClassVar[tuple[str, ...]] = ()
 
     @dataclass
     class Config:
