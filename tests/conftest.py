@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# A fake installed distribution whose entry point registers the `toy-zeroshot` method, exactly as a
+# third-party `pip install`-ed plugin would (see tests/toy_plugin).
+TOY_PLUGIN_DIR = Path(__file__).resolve().parent / "toy_plugin"
+sys.path.insert(0, str(TOY_PLUGIN_DIR))
 
 REALMINI = Path(
     os.environ.get("ZSAD_REALMINI", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "realmini")

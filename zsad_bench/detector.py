@@ -99,6 +99,7 @@ class Detector(ABC):
     """
 
     name: ClassVar[str]
+    display_name: ClassVar[str] = ""  # label in tables (default: name)
     learning_type: ClassVar[LearningType]
     paper: ClassVar[str] = ""
     default_backbone: ClassVar[str] = "effnet-lite0"

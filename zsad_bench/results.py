@@ -6,7 +6,8 @@ Schema ``zsad-bench/results/v1``::
      "aux": [dataset specs], "targets": [dataset specs], "config": {...}, "seeds": [...],
      "learning_type", "versions": {...}, "git_commit", "device", "created",
      "metric_variants": {metric: description},
-     "records": [{"seed", "target", "category", "n_images", "metrics": {name: fraction}, "seconds"}],
+     "records": [{"seed", "protocol" (leg), "target", "category", "n_images", "metrics": {name: fraction},
+                  "seconds"}],
      "summary": {name: number}, "timings": {name: seconds},
      "artifacts": {name: path of a fitted checkpoint ...}, "complete": bool}
 
@@ -32,12 +33,15 @@ LONG_COLUMNS = ("protocol", "metric", "category", "method", "backbone", "seed", 
 
 @dataclass
 class CategoryRecord:
+    """Metrics of one target category for one seed and protocol leg (e.g. ``visa-to-mvtec``)."""
+
     seed: int
     target: str
     category: str
     n_images: int
     metrics: dict[str, float]
     seconds: float = 0.0
+    protocol: str = ""
 
 
 @dataclass
@@ -104,7 +108,7 @@ class RunResult:
         """One row per (seed, target, category, metric); values as fractions."""
         return [
             {
-                "protocol": self.protocol,
+                "protocol": r.protocol or self.protocol,
                 "metric": m,
                 "category": r.category,
                 "method": self.method_label,

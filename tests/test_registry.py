@@ -1,0 +1,107 @@
+"""Method registry, config overrides and third-party plugin discovery through entry points."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from tests.conftest import TOY_PLUGIN_DIR
+from zsad_bench.detector import (
+    Batch,
+    Detector,
+    LearningType,
+    Prediction,
+    create_method,
+    get_method_class,
+    list_methods,
+    parse_overrides,
+    register_method,
+)
+from zsad_bench.errors import ZsadError
+from zsad_bench.registry import Registry
+
+
+class _FakeBackbone(torch.nn.Module):
+    name = "fake"
+    identity = "fake@8:random"
+    image_size = 8
+
+
+@register_method
+class _Const(Detector):
+    name = "test-const"
+    learning_type = LearningType.TRAINING_FREE
+
+    @dataclass
+    class Config:
+        value: float = 0.5
+        layers: tuple[int, ...] = (1, 2)
+        flag: bool = False
+        name: str | None = None
+
+    def predict(self, batch: Batch) -> Prediction:
+        n = len(batch.samples)
+        return Prediction(torch.full((n, 8, 8), self.config.value), torch.full((n,), self.config.value))
+
+
+def test_register_and_create_with_typed_overrides() -> None:
+    det = create_method("test-const", _FakeBackbone(), value="0.25", layers="3,4", flag="yes", name="none")
+    assert det.config.value == 0.25
+    assert det.config.layers == (3, 4)
+    assert det.config.flag is True
+    assert det.config.name is None
+    assert "test-const" in list_methods("test-*")
+    assert "test-const" in list_methods(learning_type="training-free")
+    assert "test-const" not in list_methods(learning_type=LearningType.ZERO_SHOT)
+
+
+def test_unknown_method_lists_known_names() -> None:
+    with pytest.raises(ZsadError, match=r"unknown method 'nope'.*known: .*test-const"):
+        get_method_class("nope")
+
+
+def test_unknown_option_and_bad_value() -> None:
+    with pytest.raises(ZsadError, match=r"method 'test-const' has no option 'valu'; options: value, layers, flag, name"):
+        parse_overrides(_Const, {"valu": "1"})
+    with pytest.raises(ZsadError, match=r"option test-const.flag: cannot read 'maybe' as bool"):
+        parse_overrides(_Const, {"flag": "maybe"})
+
+
+def test_duplicate_registration_is_an_error() -> None:
+    reg: Registry[int] = Registry("thing", "zsad_bench.test-none")
+    reg.register("a", 1)
+    with pytest.raises(ZsadError, match="registered twice"):
+        reg.register("a", 2)
+
+
+def test_entry_point_plugin_is_discovered() -> None:
+    # conftest put tests/toy_plugin (a fake installed distribution) on sys.path
+    cls = get_method_class("toy-zeroshot")
+    assert cls.learning_type is LearningType.ZERO_SHOT
+    assert cls.__module__ == "zsad_toy_plugin"
+
+
+def test_shipped_plugins_register_through_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="zsad_bench.methods")}
+    assert {"spg", "anomalydino", "toy-zeroshot"} <= names
+    assert get_method_class("spg").__module__ == "zsad_bench_methods.spg"
+
+
+def test_cli_lists_entry_point_plugin_in_a_fresh_process() -> None:
+    env = {**os.environ, "PYTHONPATH": str(TOY_PLUGIN_DIR)}
+    out = subprocess.run(
+        [sys.executable, "-m", "zsad_bench.cli.main", "list", "methods", "toy*"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "toy-zeroshot" in out.stdout and "zero-shot" in out.stdout

@@ -1,0 +1,56 @@
+"""Argument helpers shared by the commands that run methods (``run``, ``bench``, ``ablate``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from zsad_bench.errors import ZsadError
+from zsad_bench.protocols import NAMED
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["k=v", ...]`` -> ``{"k": "v"}`` (values are converted later against the method's Config)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ZsadError(f"--set {item}: expected KEY=VALUE, e.g. --set sae_epochs=5")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def split_csv(value: str | None) -> list[str] | None:
+    return [v for v in value.split(",") if v] if value else None
+
+
+def add_run_arguments(p: argparse.ArgumentParser, method_required: bool = True) -> None:
+    """The options that define a run (method, backbone, datasets, seeds, config overrides)."""
+    p.add_argument("--method", "-m", required=method_required, help="method name (zsad-bench list methods)")
+    p.add_argument("--backbone", "-b", help="backbone name (default: the method's default; zsad-bench list backbones)")
+    p.add_argument("--weights", help="local weights file/dir for the backbone (default: your HF/open_clip cache)")
+    p.add_argument("--image-size", type=int, help="backbone input size S (default: the backbone's paper setting)")
+    p.add_argument(
+        "--protocol",
+        "-p",
+        help=f"named protocol: {', '.join(NAMED)} (default: synthetic, unless --target is given)",
+    )
+    p.add_argument("--data-root", type=Path, help="folder holding the datasets of a named protocol")
+    p.add_argument("--aux", action="append", default=[], metavar="DATASET", help="auxiliary dataset spec (repeatable)")
+    p.add_argument("--target", action="append", default=[], metavar="DATASET", help="target dataset spec (repeatable)")
+    p.add_argument("--categories", help="comma-separated target categories (default: all)")
+    p.add_argument("--aux-categories", help="comma-separated auxiliary categories (default: all)")
+    p.add_argument(
+        "--aux-split",
+        choices=("test", "train"),
+        default="test",
+        help="split the auxiliary set is trained on; the cross-dataset literature uses test (default)",
+    )
+    p.add_argument("--shots", type=int, help="few-shot methods: k normal train images per target category")
+    p.add_argument("--seed", type=int, nargs="+", default=[111], help="one or more seeds (default: 111)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for feature extraction")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
