@@ -52,7 +52,7 @@ def open_dataset(spec: str, categories: Sequence[str] | None = None) -> Dataset:
     if adapter.needs_path and not path:
         raise DataError(f"dataset '{spec}' needs a path: use {scheme}:/path/to/root")
     root = Path(path).expanduser() if path else None
-    if root is not None and not root.exists():
+    if root is not None and adapter.needs_path and not root.exists():
         raise DataError(f"{root}: dataset root does not exist (from '{spec}'); check the path")
     ds = adapter.load(root)
     if categories:
