@@ -42,7 +42,7 @@ class _Const(Detector):
         value: float = 0.5
         layers: tuple[int, ...] = (1, 2)
         flag: bool = False
-        name: str | None = None
+        tag: str | None = None
 
     def predict(self, batch: Batch) -> Prediction:
         n = len(batch.samples)
@@ -50,11 +50,11 @@ class _Const(Detector):
 
 
 def test_register_and_create_with_typed_overrides() -> None:
-    det = create_method("test-const", _FakeBackbone(), value="0.25", layers="3,4", flag="yes", name="none")
+    det = create_method("test-const", _FakeBackbone(), value="0.25", layers="3,4", flag="yes", tag="none")
     assert det.config.value == 0.25
     assert det.config.layers == (3, 4)
     assert det.config.flag is True
-    assert det.config.name is None
+    assert det.config.tag is None
     assert "test-const" in list_methods("test-*")
     assert "test-const" in list_methods(learning_type="training-free")
     assert "test-const" not in list_methods(learning_type=LearningType.ZERO_SHOT)
@@ -66,7 +66,7 @@ def test_unknown_method_lists_known_names() -> None:
 
 
 def test_unknown_option_and_bad_value() -> None:
-    with pytest.raises(ZsadError, match=r"method 'test-const' has no option 'valu'; options: value, layers, flag, name"):
+    with pytest.raises(ZsadError, match=r"method 'test-const' has no option 'valu'; options: value, layers, flag, tag"):
         parse_overrides(_Const, {"valu": "1"})
     with pytest.raises(ZsadError, match=r"option test-const.flag: cannot read 'maybe' as bool"):
         parse_overrides(_Const, {"flag": "maybe"})
