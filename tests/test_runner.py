@@ -101,8 +101,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(TOY_PLUGIN_DIR)}
     base = [sys.executable, "-m", "zsad_bench.cli.main", "run", "--method", "toy-zeroshot", "--quiet"]
     killed = tmp_path / "killed.json"
-    proc = subprocess.Popen([*base, "--set", "sleep=0.4", "--out", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*base, "--set", "sleep=0.4", "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 240
     while time.time() < deadline:
         if killed.exists() and json.loads(killed.read_text())["records"]:
@@ -115,12 +116,18 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     partial = RunResult.load(killed)
     assert not partial.complete and 1 <= len(partial.records) < 6
 
-    resumed = subprocess.run([*base, "--set", "sleep=0.4", "--out", str(killed), "--resume"], env=env,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [*base, "--set", "sleep=0.4", "--out", str(killed), "--resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     full = tmp_path / "full.json"
-    clean = subprocess.run([*base, "--set", "sleep=0.4", "--out", str(full)], env=env,
-                           capture_output=True, text=True, timeout=600)
+    clean = subprocess.run(
+        [*base, "--set", "sleep=0.4", "--out", str(full)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert clean.returncode == 0, clean.stderr
     a, b = RunResult.load(killed), RunResult.load(full)
     assert a.complete and len(a.records) == len(b.records)
@@ -147,8 +154,7 @@ def test_cli_errors_are_one_line(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.realmini
 def test_realmini_protocol_end_to_end(realmini: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "rm.json"
-    res, _ = run_experiment(RunSpec("toy-zeroshot", protocol="realmini", data_root=realmini, out=out,
-                                    progress=False))
+    res, _ = run_experiment(RunSpec("toy-zeroshot", protocol="realmini", data_root=realmini, out=out, progress=False))
     cats = {(r.protocol, r.category) for r in res.records}
     assert cats == {
         ("realmini:visa-to-mvtec+mtd", "bottle"),

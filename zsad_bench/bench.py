@@ -24,7 +24,7 @@ import torch
 from zsad_bench.data.io import load_image
 from zsad_bench.detector import Batch, LearningType
 from zsad_bench.errors import ZsadError
-from zsad_bench.runner import Runner, RunSpec, open_datasets, device_description, git_commit, package_versions, rebuild
+from zsad_bench.runner import Runner, RunSpec, device_description, git_commit, open_datasets, package_versions, rebuild
 
 SCHEMA = "zsad-bench/bench/v1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,9 +130,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
     images = torch.stack([backbone.preprocess(load_image(s.image_path)) for s in samples[: max(spec.batch_sizes)]])
     rows = []
     for dtype in spec.dtypes:
-        autocast = (
-            torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
-        )
+        autocast = torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
         for bs in spec.batch_sizes:
             reps = -(-bs // len(images))
             x = images.repeat(reps, 1, 1, 1)[:bs].to(device)

@@ -103,6 +103,7 @@ class Detector(ABC):
     learning_type: ClassVar[LearningType]
     paper: ClassVar[str] = ""
     default_backbone: ClassVar[str] = "effnet-lite0"
+    default_image_size: ClassVar[int | None] = None  # the paper's input size; None: the backbone's own
     supported_backbones: ClassVar[tuple[str, ...] | None] = None  # None: any registered backbone
     needs_images: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False

@@ -186,8 +186,10 @@ def open_datasets(specs: tuple[str, ...], categories: list[str] | None, split: s
         known = [c for ds in datasets for c in ds.categories]
         missing = [c for c in categories if c not in known]
         if missing:
-            raise ZsadError(f"{role} categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} not in "
-                            f"{' + '.join(specs)}; available: {', '.join(known)}")
+            raise ZsadError(
+                f"{role} categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} not in "
+                f"{' + '.join(specs)}; available: {', '.join(known)}"
+            )
     samples: list[Sample] = []
     for ds in datasets:
         keep = [c for c in ds.categories if not categories or c in categories]
@@ -213,8 +215,11 @@ class Runner:
         self.shots = (spec.shots or 1) if few_shot else None
         self.device = resolve_device(spec.device)
         self.backbone_name = spec.backbone or self.cls.default_backbone
+        image_size = spec.image_size
+        if image_size is None and spec.backbone in (None, self.cls.default_backbone):
+            image_size = self.cls.default_image_size  # the paper's size on the paper's backbone
         self.backbone: Backbone = create_backbone(
-            self.backbone_name, weights=spec.weights, image_size=spec.image_size, **spec.backbone_kwargs
+            self.backbone_name, weights=spec.weights, image_size=image_size, **spec.backbone_kwargs
         ).to(self.device)
         self.detector = create_method(spec.method, self.backbone, self.device, **spec.method_config)
         self.image_size = self.backbone.image_size
@@ -405,8 +410,10 @@ class Runner:
             known = {c for _, ds in targets for c in ds.categories}
             missing = [c for c in spec.categories if c not in known]
             if missing:
-                raise ZsadError(f"target categories {', '.join(missing)} not in {' + '.join(leg.targets)}; "
-                                f"available: {', '.join(sorted(known))}")
+                raise ZsadError(
+                    f"target categories {', '.join(missing)} not in {' + '.join(leg.targets)}; "
+                    f"available: {', '.join(sorted(known))}"
+                )
         if not todo:
             return
         lt = self.cls.learning_type
@@ -523,4 +530,3 @@ def rebuild(
     load_checkpoint(runner.detector, Path(result.artifacts[key]))
     aux = open_datasets(leg.aux, spec.aux_categories, spec.aux_split, "auxiliary")
     return runner.detector, runner.source(aux.samples)
-

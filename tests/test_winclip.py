@@ -1,0 +1,161 @@
+"""WinCLIP: window bookkeeping, harmonic aggregation, prompt ensemble and scoring on a tiny random CLIP."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from zsad_bench_methods.winclip import (
+    anomaly_probability,
+    clip_embed,
+    clip_pool,
+    harmonic_aggregation,
+    prompt_ensemble,
+    window_indices,
+)
+
+from zsad_bench.backbones import create_backbone
+from zsad_bench.backbones.base import Backbone, Features, Preprocess
+from zsad_bench.backbones.testing import tiny_config
+from zsad_bench.data.records import Sample
+from zsad_bench.detector import Batch, create_method, list_methods
+from zsad_bench.errors import ZsadError
+from zsad_bench.results import RunResult
+from zsad_bench.runner import RunSpec, run_experiment
+
+
+def tiny_clip(seed: int = 0) -> Backbone:
+    """The ``openclip`` backbone on a tiny random CLIP (vision width 64, joint space 16) at 56 px: 4x4 patches."""
+    torch.manual_seed(seed)
+    return create_backbone("openclip", config=tiny_config("openclip"), image_size=56)
+
+
+def _samples(n: int, category: str = "metal_nut") -> list[Sample]:
+    return [Sample(f"/x/{i}.png", category, i % 2, None, "good", "test") for i in range(n)]
+
+
+def test_window_indices_match_hand_layout():
+    assert window_indices(3, 2).tolist() == [[0, 1, 3, 4], [1, 2, 4, 5], [3, 4, 6, 7], [4, 5, 7, 8]]
+    assert window_indices(4, 3).shape == (4, 9)
+    with pytest.raises(ZsadError, match="scales"):
+        window_indices(2, 3)
+
+
+def test_harmonic_aggregation_hand_case():
+    # 3x3 grid, 2x2 windows scored 1, 3/4, 1/2, 1/4: the centre patch is covered by all four windows,
+    # its harmonic mean is 4 / (1 + 4/3 + 2 + 4) = 0.48.
+    out = harmonic_aggregation(torch.tensor([[1.0, 0.75, 0.5, 0.25]]), 3, 2)
+    expected = torch.tensor([[1.0, 6 / 7, 0.75], [2 / 3, 0.48, 0.375], [0.5, 1 / 3, 0.25]])
+    torch.testing.assert_close(out[0], expected)
+
+
+@pytest.mark.parametrize(("grid", "k"), [(5, 2), (5, 3), (4, 4), (6, 1)])
+def test_harmonic_aggregation_matches_direct_loop(grid, k):
+    g = torch.Generator().manual_seed(grid * 10 + k)
+    scores = torch.rand(2, (grid - k + 1) ** 2, generator=g) + 0.05
+    idx = window_indices(grid, k)
+    expected = torch.zeros(2, grid * grid)
+    for p in range(grid * grid):
+        covering = [w for w in range(len(idx)) if p in idx[w].tolist()]
+        for b in range(2):
+            expected[b, p] = len(covering) / sum(1.0 / scores[b, w].item() for w in covering)
+    torch.testing.assert_close(harmonic_aggregation(scores, grid, k), expected.reshape(2, grid, grid))
+
+
+def test_prompt_ensemble_composition():
+    normal, anomalous = prompt_ensemble("metal nut")
+    assert len(normal) == 7 * 21 and len(anomalous) == 4 * 21
+    assert normal[0] == "a cropped photo of the metal nut."
+    assert anomalous[0] == "a cropped photo of the damaged metal nut."
+    assert "a photo of a metal nut without defect for anomaly detection." in normal
+
+
+def test_anomaly_probability_hand_case():
+    emb = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 5.0]])  # normal along x, anomalous along y
+    out = anomaly_probability(emb, text, temperature=0.5)
+    # cosine (1, 0) / 0.5 -> softmax anomalous = 1 / (1 + e^2); cosine (0, 1) -> e^2 / (1 + e^2)
+    expected = torch.tensor([1 / (1 + math.e**2), math.e**2 / (1 + math.e**2)])
+    torch.testing.assert_close(out, expected)
+
+
+def test_clip_embed_and_pool_reproduce_open_clip_image_embedding():
+    bb = tiny_clip()
+    x = torch.randn(2, 3, 56, 56)
+    visual = bb.model.visual
+    ours = clip_pool(visual, visual.transformer(clip_embed(visual, x)))
+    torch.testing.assert_close(ours, bb.model.encode_image(x), atol=1e-5, rtol=1e-5)
+
+
+def test_predict_whole_grid_window_equals_image_score():
+    """A window covering the whole 4x4 grid is the image itself: the fused map is flat at the image score."""
+    bb = tiny_clip()
+    det = create_method("winclip", bb, scales=(4,))
+    images = torch.randn(3, 3, 56, 56)
+    pred = det.predict(Batch(_samples(3), None, images))
+    text = bb.encode_text([*prompt_ensemble("metal nut")[0], *prompt_ensemble("metal nut")[1]])
+    text = torch.stack([text[:147].mean(0), text[147:].mean(0)])
+    cos = (
+        torch.nn.functional.normalize(bb.model.encode_image(images), dim=-1)
+        @ torch.nn.functional.normalize(text, dim=-1).T
+    )
+    expected = (cos / 0.07).softmax(-1)[:, 1]
+    torch.testing.assert_close(pred.scores, expected, atol=1e-5, rtol=1e-4)
+    assert pred.maps.shape == (3, 56, 56)
+    torch.testing.assert_close(pred.maps, expected[:, None, None].expand(3, 56, 56), atol=1e-5, rtol=1e-4)
+
+
+def test_predict_default_scales_shapes_and_range():
+    det = create_method("winclip", tiny_clip())
+    pred = det.predict(Batch(_samples(2), None, torch.randn(2, 3, 56, 56)))
+    assert pred.maps.shape == (2, 56, 56) and pred.scores.shape == (2,)
+    assert float(pred.maps.min()) > 0 and float(pred.maps.max()) < 1
+
+
+def test_registration_and_backbone_restriction():
+    assert "winclip" in list_methods(learning_type="training-free")
+    with pytest.raises(ZsadError, match="openclip"):
+        create_method("winclip", _NoText())
+
+
+class _NoText(Backbone):
+    name = "effnet-lite0"
+    source = "test"
+    patch_size = 8
+    embed_dim = 4
+    default_layers = ("last",)
+    preprocess = Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+
+    def forward_features(self, images: torch.Tensor, layers=None) -> Features:
+        raise NotImplementedError
+
+
+def run_tiny_synthetic(method: str, backbone: str, out: Path, **method_config: Any) -> RunResult:
+    """One small synthetic leg through the runner: textures/weave as auxiliary set, objects/cap as target."""
+    spec = RunSpec(
+        method,
+        backbone=backbone,
+        protocol=None,
+        aux=["synthetic:textures"],
+        aux_categories=["weave"],
+        targets=["synthetic:objects"],
+        categories=["cap"],
+        backbone_kwargs={"config": tiny_config(backbone)},
+        image_size=56,
+        method_config=method_config,
+        progress=False,
+        out=out,
+    )
+    result, _ = run_experiment(spec)
+    return result
+
+
+@pytest.mark.slow
+def test_end_to_end_synthetic(tmp_path: Path):
+    result = run_tiny_synthetic("winclip", "openclip", tmp_path / "r.json")
+    (record,) = result.records
+    assert record.category == "cap" and record.n_images == 25
+    assert all(0.0 <= record.metrics[m] <= 1.0 for m in ("image_auroc", "pixel_auroc", "aupro"))
