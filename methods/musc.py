@@ -28,7 +28,7 @@ Differences: the official runs use 4 intermediate layers of ViT-L/14 at 518 px (
 here the layers are whatever the backbone's default feature layers are (all layers present in the
 features are averaged; default backbone ``dinov2``); RsCIN uses cosine similarity of the backbone's
 global token (official: the raw dot product of the CLIP/DINO image embedding), or of the mean patch
-token when the backbone has no global token (e.g. ``effnet-lite0``). When ``int(0.3 (N-1)) == 0``
+token when the backbone has no global token. When ``int(0.3 (N-1)) == 0``
 (fewer than 5 images) the single nearest image is used instead of the empty mean.
 """
 

@@ -285,7 +285,7 @@ class Runner:
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, samples: list[Sample], desc: str) -> dict[str, float]:
         """Predict ``samples`` and return every metric (fractions; NaN where undefined)."""
-        acc = MetricAccumulator(tuple(METRICS))
+        acc = MetricAccumulator(tuple(METRICS), label=desc)
         source = self.source(samples)
         with torch.inference_mode():
             for batch, pred in self.detector.predict_source(source, self.spec.batch_size):
