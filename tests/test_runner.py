@@ -166,3 +166,15 @@ def test_realmini_protocol_end_to_end(realmini: Path, tmp_path: Path, capsys: py
     assert bottle.n_images == 83
     assert main(["table", str(out), "--format", "md"]) == 0
     assert "bottle" in capsys.readouterr().out
+
+
+def test_categories_may_span_legs_and_unknown_ones_are_refused(tmp_path: Path) -> None:
+    res, _ = run_experiment(
+        RunSpec("toy-zeroshot", categories=["weave", "cap"], out=tmp_path / "c.json", progress=False)
+    )
+    assert {(r.protocol, r.category) for r in res.records} == {
+        ("synthetic:textures-to-objects", "cap"),
+        ("synthetic:objects-to-textures", "weave"),
+    }
+    with pytest.raises(ZsadError, match=r"target category bottle not in synthetic:objects \+ synthetic:textures"):
+        run_experiment(RunSpec("toy-zeroshot", categories=["bottle"], out=tmp_path / "d.json", progress=False))

@@ -364,6 +364,7 @@ class Runner:
         out = Path(spec.out) if spec.out else Path("results") / "runs" / f"{run_id}.json"
         if out.suffix != ".json":
             raise ZsadError(f"--out {out}: results files end in .json (a .csv is written beside it)")
+        self._check_categories()
         with _exclusive(out):
             result = self._start(out, run_id)
             t_run = time.perf_counter()
@@ -375,6 +376,19 @@ class Runner:
             result.save(out, overwrite=True)
         self.log(f"results: {out} (+ {out.with_suffix('.csv').name})")
         return result, out
+
+    def _check_categories(self) -> None:
+        """Every ``--categories`` entry must be a category of some target (legs may have disjoint ones)."""
+        if not self.spec.categories:
+            return
+        specs = sorted({t for leg in self.legs for t in leg.targets})
+        known = [c for t in specs for c in open_dataset(t).categories]
+        missing = [c for c in self.spec.categories if c not in known]
+        if missing:
+            raise ZsadError(
+                f"target categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} not in "
+                f"{' + '.join(specs)}; available: {', '.join(known)}"
+            )
 
     def _start(self, out: Path, run_id: str) -> RunResult:
         fresh = self.new_result(run_id)
@@ -406,14 +420,6 @@ class Runner:
             for c in ds.categories
             if (not spec.categories or c in spec.categories) and (seed, leg.name, t, c) not in done
         ]
-        if spec.categories:
-            known = {c for _, ds in targets for c in ds.categories}
-            missing = [c for c in spec.categories if c not in known]
-            if missing:
-                raise ZsadError(
-                    f"target categories {', '.join(missing)} not in {' + '.join(leg.targets)}; "
-                    f"available: {', '.join(sorted(known))}"
-                )
         if not todo:
             return
         lt = self.cls.learning_type

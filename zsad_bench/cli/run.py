@@ -22,6 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run written to --out")
     p.add_argument("--label", help="column label in tables (default: the method's name)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument(
+        "--aggregation",
+        choices=("max", "mean", "lse"),
+        help="image score from the map, for methods with this option (SPG): max, mean or log-sum-exp",
+    )
+    p.add_argument("--tau", type=float, help="temperature of --aggregation lse (SPG's agg_tau)")
     p.set_defaults(func=_run)
 
 
@@ -57,6 +63,10 @@ def _run(args: argparse.Namespace) -> int:
     from zsad_bench.tables import load_results, render
 
     spec = spec_from_args(args)
+    if args.aggregation is not None:
+        spec.method_config["aggregation"] = args.aggregation
+    if args.tau is not None:
+        spec.method_config["agg_tau"] = str(args.tau)
     spec.eval_size = args.eval_size
     spec.out = args.out
     spec.resume = args.resume
