@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,26 +22,13 @@ from tabulate import tabulate
 from zsad_bench_methods.spg import STATE_FORMAT
 
 from zsad_bench.backbones.base import Backbone, Features, Preprocess
+from zsad_bench.bench import time_fn
 from zsad_bench.detector import Batch, create_method
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time of ``fn`` in milliseconds (CUDA-synchronised)."""
+    return 1e3 * statistics.median(time_fn(fn, device, warmup, iters))
 
 
 class ShapeOnly(Backbone):

@@ -16,27 +16,11 @@ from zsad_bench_methods.anomalydino import (
     mean_top_fraction,
 )
 
-from zsad_bench.backbones.base import Backbone, Features, Preprocess
+from tests.fakes import GridBackbone
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import FitContext, LearningType, create_method
 from zsad_bench.errors import ZsadError
 from zsad_bench.source import FeatureSource, tensor_features
-
-
-class GridBackbone(Backbone):
-    """Stand-in backbone: only its input size matters to methods that read cached features."""
-
-    name = "grid-stub"
-    patch_size = 4
-    embed_dim = 6
-    default_layers = ("last",)
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.preprocess = Preprocess(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-    def forward_features(self, images, layers=None) -> Features:  # pragma: no cover - features come from memory
-        raise NotImplementedError
 
 
 def _samples(n: int, labels: list[int] | None = None) -> list[Sample]:

@@ -10,27 +10,11 @@ import torch
 import torch.nn.functional as F
 from zsad_bench_methods.musc import interval_average, lnamd, nearest_patch_distances, rscin
 
-from zsad_bench.backbones.base import Backbone, Features, Preprocess
+from tests.fakes import GridBackbone
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import LearningType, create_method
 from zsad_bench.errors import ZsadError
 from zsad_bench.source import FeatureSource, tensor_features
-
-
-class GridBackbone(Backbone):
-    """Stand-in backbone: only its input size matters to methods that read cached features."""
-
-    name = "grid-stub"
-    patch_size = 4
-    embed_dim = 5
-    default_layers = ("last",)
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.preprocess = Preprocess(size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-    def forward_features(self, images, layers=None) -> Features:  # pragma: no cover - features come from memory
-        raise NotImplementedError
 
 
 def _slow_lnamd(grid: np.ndarray, r: int) -> np.ndarray:
@@ -113,7 +97,7 @@ def _category(n: int = 6, odd: int = 4) -> tuple[torch.Tensor, list[Sample]]:
 
 def test_predict_source_matches_slow_pipeline() -> None:
     grids, samples = _category()
-    det = create_method("musc", GridBackbone(16), r_list=(1, 3), rscin_k=())
+    det = create_method("musc", GridBackbone(16, embed_dim=5), r_list=(1, 3), rscin_k=())
     assert det.learning_type is LearningType.TRAINING_FREE
     out = list(det.predict_source(FeatureSource(samples, 16, tensor_features(grids)), batch_size=4))
     assert [len(b.samples) for b, _ in out] == [4, 2] and all(b.features is None for b, _ in out)
@@ -131,8 +115,8 @@ def test_predict_source_matches_slow_pipeline() -> None:
 
 def test_rscin_uses_mean_patch_token_without_global_token() -> None:
     grids, samples = _category()
-    det = create_method("musc", GridBackbone(16), r_list=(1,), rscin_k=(1, 2))
-    plain = create_method("musc", GridBackbone(16), r_list=(1,), rscin_k=())
+    det = create_method("musc", GridBackbone(16, embed_dim=5), r_list=(1,), rscin_k=(1, 2))
+    plain = create_method("musc", GridBackbone(16, embed_dim=5), r_list=(1,), rscin_k=())
     src = FeatureSource(samples, 16, tensor_features(grids))
     got = torch.cat([p.scores for _, p in det.predict_source(src, 8)])
     raw = torch.cat([p.scores for _, p in plain.predict_source(src, 8)])
@@ -141,9 +125,9 @@ def test_rscin_uses_mean_patch_token_without_global_token() -> None:
 
 def test_user_errors() -> None:
     with pytest.raises(ZsadError, match="r_list"):
-        create_method("musc", GridBackbone(16), r_list=(2,))
+        create_method("musc", GridBackbone(16, embed_dim=5), r_list=(2,))
     grids, samples = _category()
-    det = create_method("musc", GridBackbone(16))
+    det = create_method("musc", GridBackbone(16, embed_dim=5))
     with pytest.raises(ZsadError, match="at least 2"):
         list(det.predict_source(FeatureSource(samples[:1], 16, tensor_features(grids[:1])), 4))
 

@@ -407,6 +407,27 @@ def render(
     return "\n".join(parts)
 
 
+SUMMARY_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro", "aupro_cflow")
+
+
+def render_summary(df: pd.DataFrame, fmt: str = "md", metrics: Sequence[str] = SUMMARY_METRICS) -> str:
+    """Compact view of runs: per protocol leg and method, rows = categories + Mean, columns = metrics."""
+    cells = _cells(df[df["metric"].isin(list(metrics))], "method")
+    out = []
+    for (protocol, column), sub in cells.groupby(["protocol", "column"], sort=True):
+        present = [m for m in metrics if m in set(sub["metric"])]
+        lookup = {(_category_key(r.category), r.metric): r for r in sub.itertuples()}
+        body = []
+        for cat in [*_category_order(list(sub["category"])), MEAN]:
+            found = [lookup.get((cat, m)) for m in present]
+            texts = [
+                _fmt_cell(r.mean, r.std, r.n, fmt, False) if r else _fmt_cell(math.nan, 0, 0, fmt, False) for r in found
+            ]
+            body.append(["Mean" if cat == MEAN else cat, *texts])
+        out.append(_grid_text(f"{column} on {protocol} (%)", ["Category", *present], body, fmt, rule_before_last=True))
+    return "\n".join(out)
+
+
 def render_bench(bench: pd.DataFrame | Sequence[Mapping[str, Any]], fmt: str = "md") -> str:
     """One speed table: rows method/backbone/dtype/batch/component (and device), the measured columns.
 

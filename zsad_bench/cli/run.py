@@ -60,7 +60,7 @@ def spec_from_args(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     from zsad_bench.runner import run_experiment
-    from zsad_bench.tables import load_results, render
+    from zsad_bench.tables import load_results, render_summary
 
     spec = spec_from_args(args)
     if args.aggregation is not None:
@@ -73,6 +73,6 @@ def _run(args: argparse.Namespace) -> int:
     spec.label = args.label
     spec.use_cache = not args.no_cache
     _, path = run_experiment(spec)
-    print(render(load_results([path]), "md"))
-    print(f"\nresults written to {path}")
+    print(render_summary(load_results([path]), "md"))
+    print(f"\nresults written to {path}; every metric and a LaTeX version: zsad-bench table {path} [--format latex]")
     return 0
