@@ -27,6 +27,8 @@ TAUS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50
 BACKBONES = ("dinov3:448", "dinov2:448", "openclip:518", "siglip:448")
 TOPKS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
+LIST_ATOMS = 40  # active atoms printed by `atoms` unless --list-all
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ablate = sub.add_parser(
@@ -71,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     atoms.add_argument("--leg", type=int, default=0, help="protocol leg index of the run (default 0)")
     atoms.add_argument("--seed", type=int, help="seed of the run's checkpoint (default: its first seed)")
     atoms.add_argument("--device", default="cpu", help="device for the SAE encode (default cpu)")
+    atoms.add_argument("--list-all", action="store_true", help=f"list every active atom, not the first {LIST_ATOMS}")
     atoms.set_defaults(func=_atoms)
 
 
@@ -252,8 +255,10 @@ def _atoms(args: argparse.Namespace) -> int:
     if not hasattr(detector, "anomaly_atoms"):
         raise ZsadError(f"{args.run}: a run of method '{detector.name}'; atoms needs an spg or spg-topk run")
     active = detector.anomaly_atoms()
-    print(f"anomaly guide: {len(active)} active atoms (coefficient > 0), largest first")
-    print(textwrap.fill("  ".join(f"#{a}:{c:.4g}" for a, c in active), width=110, break_on_hyphens=False))
+    shown = active if args.list_all else active[:LIST_ATOMS]
+    more = "" if len(shown) == len(active) else f" (first {len(shown)}; --list-all for all)"
+    print(f"anomaly guide: {len(active)} active atoms (coefficient > 0), largest first{more}")
+    print(textwrap.fill("  ".join(f"#{a}:{c:.4g}" for a, c in shown), width=110, break_on_hyphens=False))
     if not active:
         raise ZsadError(f"{args.run}: the anomaly guide has no active atom; nothing to render")
     chosen = active[: args.top]
