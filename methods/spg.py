@@ -53,6 +53,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ZsadError(f"option spg.{name}: '{value}' is not one of {', '.join(choices)}; fix --set {name}=...")
 
 
+def _report_epoch(epoch: int, total: int) -> bool:
+    """Log the first, every 10th and the last epoch (the progress bar shows the rest)."""
+    return epoch == 0 or epoch + 1 == total or (epoch + 1) % 10 == 0
+
+
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ZsadError(f"option spg.{name}: must be > 0 (got {value}); fix --set {name}=...")
@@ -196,10 +201,11 @@ class SPG(Detector):
                 sae.renormalise()
                 rec_sum, aux_sum, steps = rec_sum + rec.item(), aux_sum + aux.item(), steps + 1
             rec_mean, aux_mean = rec_sum / max(steps, 1), aux_sum / max(steps, 1)
-            ctx.log(
-                f"spg SAE epoch {epoch + 1}/{c.sae_epochs}: recon mse {rec_mean:.5g}, auxk {aux_mean:.5g}, "
-                f"dead latents {int(dead.sum())}/{c.sae_width}"
-            )
+            if _report_epoch(epoch, c.sae_epochs):
+                ctx.log(
+                    f"spg SAE epoch {epoch + 1}/{c.sae_epochs}: recon mse {rec_mean:.5g}, auxk {aux_mean:.5g}, "
+                    f"dead latents {int(dead.sum())}/{c.sae_width}"
+                )
         self.stats.update(
             sae_recon_mse=rec_mean,
             sae_auxk_loss=aux_mean,
@@ -320,7 +326,8 @@ class SPG(Detector):
                     sums[name] += v.item()
                 steps += 1
             parts = {k: v / max(steps, 1) for k, v in sums.items()}
-            ctx.log(f"spg guides epoch {epoch + 1}/{cfg.guide_epochs}: loss {parts['guide_loss']:.5g}")
+            if _report_epoch(epoch, cfg.guide_epochs):
+                ctx.log(f"spg guides epoch {epoch + 1}/{cfg.guide_epochs}: loss {parts['guide_loss']:.5g}")
         self.coef = raw.detach()
         self.coef_ema = ema.value if ema.value is not None else raw.detach().clone()
         self.stats.update(parts)

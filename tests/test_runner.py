@@ -178,3 +178,13 @@ def test_categories_may_span_legs_and_unknown_ones_are_refused(tmp_path: Path) -
     }
     with pytest.raises(ZsadError, match=r"target category bottle not in synthetic:objects \+ synthetic:textures"):
         run_experiment(RunSpec("toy-zeroshot", categories=["bottle"], out=tmp_path / "d.json", progress=False))
+
+
+def test_few_shot_legs_are_named_after_their_targets(tmp_path: Path) -> None:
+    from zsad_bench.protocols import few_shot_legs
+
+    legs = few_shot_legs(resolve_protocol("synthetic"))
+    assert [(leg.name, leg.aux) for leg in legs] == [("synthetic:objects", ()), ("synthetic:textures", ())]
+    (tmp_path / "mvtec_ad").mkdir()
+    (tmp_path / "visa").mkdir()
+    assert [leg.name for leg in few_shot_legs(resolve_protocol("visa-to-mvtec", data_root=tmp_path))] == ["mvtec"]

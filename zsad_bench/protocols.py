@@ -88,6 +88,21 @@ def resolve_protocol(
     return [Leg(protocol, (mvtec,), (visa,))]
 
 
+def few_shot_legs(legs: list[Leg]) -> list[Leg]:
+    """Few-shot methods ignore the auxiliary set: one leg per distinct target set, named after it.
+
+    MVTec AD and VisA targets are named ``mvtec`` / ``visa`` (the tables add ``@k-shot``, matching the
+    few-shot papers' reported figures); other targets keep their spec name.
+    """
+    out: dict[tuple[str, ...], Leg] = {}
+    for leg in legs:
+        names = [
+            s.partition(":")[0] if s.partition(":")[0] in ("mvtec", "visa") else _spec_name([s]) for s in leg.targets
+        ]
+        out.setdefault(leg.targets, Leg("+".join(names), (), leg.targets))
+    return list(out.values())
+
+
 def _spec_name(specs: list[str] | tuple[str, ...]) -> str:
     names = []
     for spec in specs:

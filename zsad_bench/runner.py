@@ -38,7 +38,7 @@ from zsad_bench.errors import ZsadError
 from zsad_bench.features import FeatureCache, extract_features
 from zsad_bench.metrics import METRICS, MetricAccumulator
 from zsad_bench.paths import cache_dir, project_root
-from zsad_bench.protocols import Leg, resolve_protocol
+from zsad_bench.protocols import Leg, few_shot_legs, resolve_protocol
 from zsad_bench.results import CategoryRecord, RunResult, atomic_write_bytes
 from zsad_bench.source import FeatureSource
 
@@ -213,6 +213,8 @@ class Runner:
         check_learning_type(self.cls, self.legs, spec.shots)
         few_shot = self.cls.learning_type is LearningType.FEW_SHOT
         self.shots = (spec.shots or 1) if few_shot else None
+        if few_shot:
+            self.legs = few_shot_legs(self.legs)
         self.device = resolve_device(spec.device)
         self.backbone_name = spec.backbone or self.cls.default_backbone
         image_size = spec.image_size

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from zsad_bench.errors import ZsadError
 from zsad_bench.registry import Registry
 
 
@@ -93,7 +94,7 @@ class Backbone(nn.Module, ABC):
 
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """Text embeddings ``(T, C_g)`` in the space of ``global_token`` (CLIP-style backbones only)."""
-        raise NotImplementedError(f"backbone '{self.name}' has no text tower")
+        raise ZsadError(f"backbone '{self.name}' has no text tower; text-prompted methods need --backbone openclip")
 
 
 @dataclass(frozen=True)
