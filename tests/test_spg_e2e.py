@@ -306,8 +306,10 @@ def test_ablate_tau_then_atoms(tmp_path: Path, capsys: pytest.CaptureFixture[str
         spg_cli(["atoms", str(tmp_path / "abl" / "SPG_max.json"), "--top", "2", "--patches", "3", "-o", str(png)]) == 0
     )
     out = capsys.readouterr().out
-    listing = out.split("largest first\n")[1].split("\natom #")[0]
+    header, listing = out.split("\natom #")[0].split("\n", 1)
+    n_active = int(header.split("anomaly guide: ")[1].split(" active atoms")[0])
     listed = [float(tok.split(":")[1]) for tok in listing.split()]
     assert listed and listed == sorted(listed, reverse=True) and min(listed) > 0
+    assert len(listed) == min(n_active, 40)  # the first 40 unless --list-all
     assert png.stat().st_size > 10_000
     assert out.count("atom #") == 2
