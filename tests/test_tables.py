@@ -148,12 +148,13 @@ def test_with_reported_reproduces_table_s1(tmp_path: Path) -> None:
 def test_bench_table(tmp_path: Path) -> None:
     keys = {"method": "spg", "backbone": "effnet-lite0", "device": "cpu", "dtype": "float32", "batch_size": 8}
     row = {**keys, "component": "total", "images_per_s": 12.345, "p50_ms": 80.04, "p95_ms": 95.5, "peak_mem_mb": 812.4}
+    row["overhead_vs_backbone"] = 0.25
     (tmp_path / "bench.json").write_text(json.dumps({"schema": "zsad-bench/bench/v1", "rows": [row]}))
     out = tmp_path / "bench.md"
     assert run_cli(str(tmp_path / "bench.json"), "--out", str(out)) == 0
     rows = md_table(out.read_text(), "Speed")
     assert rows[0][:6] == ["method", "backbone", "dtype", "batch_size", "component", "device"]
-    assert rows[1] == ["spg", "effnet-lite0", "float32", "8", "total", "cpu", "12.3", "80.0", "95.5", "812"]
+    assert rows[1] == ["spg", "effnet-lite0", "float32", "8", "total", "cpu", "12.3", "80.0", "95.5", "812", "+25.0%"]
 
 
 @pytest.mark.parametrize(
@@ -197,6 +198,6 @@ def test_bench_documents_render_like_files() -> None:
     keys = {"method": "spg", "backbone": "b", "device": "cpu", "dtype": "float32", "batch_size": 1}
     row = {**keys, "component": "method", "images_per_s": 2.0, "p50_ms": 1.0, "p95_ms": 2.0, "peak_mem_mb": 3.0}
     rows = list(csv.reader(render_bench([{"schema": "zsad-bench/bench/v1", "rows": [row]}], "csv").splitlines()))
-    assert rows[1] == ["spg", "b", "float32", "1", "method", "cpu", "2.0", "1.0", "2.0", "3.0"]
+    assert rows[1] == ["spg", "b", "float32", "1", "method", "cpu", "2.0", "1.0", "2.0", "3.0", ""]
     with pytest.raises(ZsadError, match="benchmark document 0: benchmark row 0 lacks p95_ms"):
         render_bench([{"rows": [{k: v for k, v in row.items() if k != "p95_ms"}]}])

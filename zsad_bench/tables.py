@@ -85,7 +85,14 @@ def _bench_rows(doc: Mapping[str, Any], source: str) -> list[dict]:
         missing = [k for k in (*BENCH_KEYS, *BENCH_VALUES) if k not in row]
         if missing:
             raise ZsadError(f"{source}: benchmark row {i} lacks {', '.join(missing)}; re-run `zsad-bench bench`")
-        rows.append({**{k: row[k] for k in (*BENCH_KEYS, *BENCH_VALUES)}, "file": source})
+        overhead = row.get("overhead_vs_backbone")  # total rows: method + backbone time / backbone time - 1
+        rows.append(
+            {
+                **{k: row[k] for k in (*BENCH_KEYS, *BENCH_VALUES)},
+                "overhead": math.nan if overhead is None else float(overhead),
+                "file": source,
+            }
+        )
     return rows
 
 
@@ -111,7 +118,7 @@ def scan_results(paths: Sequence[Path | str]) -> tuple[pd.DataFrame, pd.DataFram
     frame = pd.DataFrame(eval_rows, columns=list(LONG_COLUMNS))
     frame["protocol"] = frame["protocol"].map(canonical_protocol)
     frame["value"] = frame["value"].astype(float)
-    return frame, pd.DataFrame(bench_rows, columns=[*BENCH_KEYS, *BENCH_VALUES, "file"])
+    return frame, pd.DataFrame(bench_rows, columns=[*BENCH_KEYS, *BENCH_VALUES, "overhead", "file"])
 
 
 def load_results(paths: Sequence[Path | str]) -> pd.DataFrame:
@@ -439,7 +446,9 @@ def render_bench(bench: pd.DataFrame | Sequence[Mapping[str, Any]], fmt: str = "
         bench = pd.DataFrame([r for i, doc in enumerate(bench) for r in _bench_rows(doc, f"benchmark document {i}")])
     order = ["method", "backbone", "dtype", "batch_size", "component", "device"]
     bench = bench.sort_values(order, kind="stable")
-    header = [*order, *BENCH_VALUES]
+    if "overhead" not in bench:
+        bench = bench.assign(overhead=math.nan)
+    header = [*order, *BENCH_VALUES, "overhead"]
     if fmt == "csv":
         return bench[header].to_csv(index=False, lineterminator="\n")
     digits = {"images_per_s": 1, "p50_ms": 1, "p95_ms": 1, "peak_mem_mb": 0}
@@ -447,8 +456,13 @@ def render_bench(bench: pd.DataFrame | Sequence[Mapping[str, Any]], fmt: str = "
     for r in bench.itertuples():
         keys = [str(getattr(r, k)) for k in order]
         vals = [f"{float(getattr(r, k)):.{digits[k]}f}" for k in BENCH_VALUES]
+        pct = "%" if fmt == "md" else r"\%"
+        vals.append(f"{100 * r.overhead:+.1f}{pct}" if math.isfinite(r.overhead) else "")
         body.append(keys + vals if fmt == "md" else [_latex_escape(x) for x in keys] + vals)
-    title = "Speed: images per second, latency percentiles (ms) and peak memory (MB)"
+    title = (
+        "Speed: images per second, latency percentiles (ms), peak memory (MB) and the method's overhead "
+        "(total time / backbone time - 1)"
+    )
     if fmt == "latex":
         header = [_latex_escape(h) for h in header]
     return _grid_text(title, header, body, fmt, rule_before_last=False)
