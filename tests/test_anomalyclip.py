@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,10 +16,9 @@ from zsad_bench_methods.anomalyclip import (
     similarity_map,
 )
 
-from tests.test_winclip import _samples, run_tiny_synthetic, tiny_clip
+from tests.test_winclip import image_source, run_tiny_synthetic, tiny_clip
 from zsad_bench.detector import FitContext, create_method, list_methods
 from zsad_bench.errors import ZsadError
-from zsad_bench.source import FeatureSource
 
 
 def _heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -153,16 +151,7 @@ def test_fit_predict_smoke_trains_only_prompts():
     bb = tiny_clip()
     clip_before = {k: v.clone() for k, v in bb.model.state_dict().items()}
     det = create_method("anomalyclip", bb, epochs=1, n_ctx=4, depth=2, deep_len=2, dpam_layers=1, sigma=1.0)
-    samples = _samples(6)
-    g = torch.Generator().manual_seed(0)
-    images = {s.image_path: torch.randn(3, 56, 56, generator=g) for s in samples}
-
-    def mask(sample, size):
-        m = np.zeros((size, size), bool)
-        m[14:28, 14:42] = bool(sample.label)
-        return m
-
-    source = FeatureSource(samples, 56, None, mask, lambda s: images[s.image_path])
+    source = image_source(6)
     ctx = FitContext(torch.device("cpu"), seed=5, progress=False)
     det.fit(source, ctx)
     after = det.state_dict()

@@ -4,37 +4,22 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from zsad_bench_methods.visualad import SpatialCrossAttention, token_map, topk_mean
 
-from tests.test_winclip import _NoText, _samples, run_tiny_synthetic, tiny_clip
+from tests.test_winclip import _NoText, image_source, run_tiny_synthetic, tiny_clip
 from zsad_bench.backbones import create_backbone
 from zsad_bench.backbones.base import Backbone
 from zsad_bench.backbones.testing import tiny_config
 from zsad_bench.detector import FitContext, create_method, list_methods
 from zsad_bench.errors import ZsadError
-from zsad_bench.source import FeatureSource
 
 
 def tiny_dino() -> Backbone:
     """The ``dinov2`` backbone on a tiny random DINOv2 (width 32, 2 blocks) at 56 px: 4x4 patches."""
     torch.manual_seed(0)
     return create_backbone("dinov2", config=tiny_config("dinov2"), image_size=56)
-
-
-def _source(n: int = 6) -> FeatureSource:
-    samples = _samples(n)
-    g = torch.Generator().manual_seed(0)
-    images = {s.image_path: torch.randn(3, 56, 56, generator=g) for s in samples}
-
-    def mask(sample, size):
-        m = np.zeros((size, size), bool)
-        m[14:28, 14:42] = bool(sample.label)
-        return m
-
-    return FeatureSource(samples, 56, None, mask, lambda s: images[s.image_path])
 
 
 def test_token_insertion_matches_open_clip_transformer_on_extended_sequence():
@@ -79,7 +64,7 @@ def test_loss_backward_reaches_tokens_not_the_frozen_vit():
     bb = tiny_clip()
     det = create_method("visualad", bb, layers=(1, 2))
     det.head.train()
-    batch = next(_source(4).batches(4, masks=True))
+    batch = next(image_source(4).batches(4, masks=True))
     det.loss(batch).backward()
     assert all(p.grad is None for p in bb.parameters())
     assert det.head.anomaly_token.grad is not None and det.head.anomaly_token.grad.abs().sum() > 0
@@ -138,7 +123,7 @@ def test_fit_predict_smoke_and_checkpoint_round_trip(make):
     bb = make()
     backbone_before = {k: v.clone() for k, v in bb.state_dict().items()}
     det = create_method("visualad", bb, layers=(1, 2), epochs=1, sigma=1.0)
-    source = _source()
+    source = image_source()
     ctx = FitContext(torch.device("cpu"), seed=3, progress=False)
     det.fit(source, ctx)
     after = det.state_dict()

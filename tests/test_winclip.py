@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from zsad_bench_methods.winclip import (
@@ -25,6 +26,7 @@ from zsad_bench.detector import Batch, create_method, list_methods
 from zsad_bench.errors import ZsadError
 from zsad_bench.results import RunResult
 from zsad_bench.runner import RunSpec, run_experiment
+from zsad_bench.source import FeatureSource
 
 
 def tiny_clip(seed: int = 0) -> Backbone:
@@ -35,6 +37,20 @@ def tiny_clip(seed: int = 0) -> Backbone:
 
 def _samples(n: int, category: str = "metal_nut") -> list[Sample]:
     return [Sample(f"/x/{i}.png", category, i % 2, None, "good", "test") for i in range(n)]
+
+
+def image_source(n: int = 6) -> FeatureSource:
+    """Random 56 px images; anomalous ones (odd index) have a rectangular mask."""
+    samples = _samples(n)
+    g = torch.Generator().manual_seed(0)
+    images = {s.image_path: torch.randn(3, 56, 56, generator=g) for s in samples}
+
+    def mask(sample, size):
+        m = np.zeros((size, size), bool)
+        m[14:28, 14:42] = bool(sample.label)
+        return m
+
+    return FeatureSource(samples, 56, None, mask, lambda s: images[s.image_path])
 
 
 def test_window_indices_match_hand_layout():
