@@ -188,3 +188,11 @@ def test_few_shot_legs_are_named_after_their_targets(tmp_path: Path) -> None:
     (tmp_path / "mvtec_ad").mkdir()
     (tmp_path / "visa").mkdir()
     assert [leg.name for leg in few_shot_legs(resolve_protocol("visa-to-mvtec", data_root=tmp_path))] == ["mvtec"]
+
+
+def test_option_typos_are_reported_before_backbone_weights_are_looked_up() -> None:
+    # dinov3 weights are absent here: the typo must still be what the user hears about
+    with pytest.raises(ZsadError, match=r"method 'spg' has no option 'sae_widht'; options: sae_width"):
+        run_experiment(RunSpec("spg", backbone="dinov3", method_config={"sae_widht": "8"}, progress=False))
+    with pytest.raises(ZsadError, match=r"method 'winclip' does not run on backbone 'effnet-lite0'"):
+        run_experiment(RunSpec("winclip", backbone="effnet-lite0", progress=False))

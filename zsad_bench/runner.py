@@ -33,7 +33,14 @@ from zsad_bench import __version__
 from zsad_bench.backbones import Backbone, create_backbone
 from zsad_bench.data import Dataset, Sample, open_dataset, samples_fingerprint
 from zsad_bench.data.io import load_image, load_mask
-from zsad_bench.detector import Detector, FitContext, LearningType, create_method, get_method_class
+from zsad_bench.detector import (
+    Detector,
+    FitContext,
+    LearningType,
+    create_method,
+    get_method_class,
+    parse_overrides,
+)
 from zsad_bench.errors import ZsadError
 from zsad_bench.features import FeatureCache, extract_features
 from zsad_bench.metrics import METRICS, MetricAccumulator
@@ -217,6 +224,14 @@ class Runner:
             self.legs = few_shot_legs(self.legs)
         self.device = resolve_device(spec.device)
         self.backbone_name = spec.backbone or self.cls.default_backbone
+        # cheap checks first: a typo in --set or an unsupported backbone fails before any weights load
+        parse_overrides(self.cls, spec.method_config)
+        supported = self.cls.supported_backbones
+        if supported is not None and self.backbone_name not in supported:
+            raise ZsadError(
+                f"method '{self.cls.name}' does not run on backbone '{self.backbone_name}'; "
+                f"use --backbone {' or '.join(supported)}"
+            )
         image_size = spec.image_size
         if image_size is None and spec.backbone in (None, self.cls.default_backbone):
             image_size = self.cls.default_image_size  # the paper's size on the paper's backbone
