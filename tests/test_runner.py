@@ -196,3 +196,9 @@ def test_option_typos_are_reported_before_backbone_weights_are_looked_up() -> No
         run_experiment(RunSpec("spg", backbone="dinov3", method_config={"sae_widht": "8"}, progress=False))
     with pytest.raises(ZsadError, match=r"method 'winclip' does not run on backbone 'effnet-lite0'"):
         run_experiment(RunSpec("winclip", backbone="effnet-lite0", progress=False))
+
+
+def test_aggregation_flags_map_to_method_options(capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--method", "toy-zeroshot", "--aggregation", "lse", "--tau", "0.5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "method 'toy-zeroshot' has no option 'aggregation'" in err
