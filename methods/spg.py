@@ -91,6 +91,7 @@ class SPG(Detector):
     paper: ClassVar[str] = "Sparse-Projected Guides, arXiv 2604.02871"
     default_backbone: ClassVar[str] = "dinov3"
     inference_options: ClassVar[tuple[str, ...]] = ("aggregation", "agg_tau", "sigma")
+    artifacts_family: ClassVar[str] = "spg"  # spg-topk reuses the SAEs trained for spg
 
     @dataclass
     class Config:
@@ -225,18 +226,9 @@ class SPG(Detector):
             count += (z > 0).sum(0)
         return (count == 0).cpu()
 
-    @staticmethod
-    def _sae_dir(artifacts_dir: Path | None) -> Path | None:
-        """Where SAEs are kept: variants (``spg-topk``) share the ``spg`` artifact folder, so sweeps reuse SAEs."""
-        if artifacts_dir is None:
-            return None
-        artifacts_dir = Path(artifacts_dir)
-        return artifacts_dir.parent / SPG.name if artifacts_dir.name == SPGTopK.name else artifacts_dir
-
     def _stage1(self, data: DataSource, ctx: FitContext) -> None:
         key, fields = self._sae_key(self.data_fingerprint, ctx.seed)
-        sae_dir = self._sae_dir(ctx.artifacts_dir)
-        path = None if sae_dir is None else sae_dir / f"spg-sae-{key}.pt"
+        path = None if ctx.artifacts_dir is None else Path(ctx.artifacts_dir) / f"spg-sae-{key}.pt"
         if path is not None and path.is_file():
             blob = torch.load(path, map_location="cpu", weights_only=True)
             sae = TopKSAE(blob["encoder"].shape[1], self.config.sae_width, self.config.sae_k)

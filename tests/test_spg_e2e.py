@@ -117,8 +117,10 @@ def test_topk_variant_keeps_k_per_guide(sets, tmp_path: Path) -> None:
     create_method("spg", TinyBackbone(), **{**FAST, "guide_epochs": 0}).fit(sets["textures"][0], ctx(tmp_path / "spg"))
     logs: list[str] = []
     det = create_method("spg-topk", TinyBackbone(), **{**FAST, "guide_topk": 5})
-    det.fit(sets["textures"][0], ctx(tmp_path / "spg-topk", logs))
-    assert any("reusing SAE" in line for line in logs)  # the variant shares spg's SAE folder
+    # the runner gives every member of an artifacts family the same folder: spg-topk reuses spg's SAE
+    assert type(det).artifacts_family == "spg" and det.name == "spg-topk"
+    det.fit(sets["textures"][0], ctx(tmp_path / "spg", logs))
+    assert any("reusing SAE" in line for line in logs)
     local = det.coefficients(det.coef_ema)[2:]
     assert ((local > 0).sum(1) <= 5).all()
     assert det.summary()["guide_sparsity"] == float((local > 0).sum())

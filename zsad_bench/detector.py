@@ -110,6 +110,8 @@ class Detector(ABC):
     feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
     # Config fields that only affect predict(): changing them reuses a fitted checkpoint.
     inference_options: ClassVar[tuple[str, ...]] = ()
+    # Variants of one method share reusable artifacts (e.g. spg-topk reuses spg's SAEs); default: name.
+    artifacts_family: ClassVar[str] = ""
 
     @dataclass
     class Config:

@@ -288,7 +288,7 @@ class Runner:
         ctx = FitContext(
             device=self.device,
             seed=seed,
-            artifacts_dir=cache_dir() / "artifacts" / self.cls.name,
+            artifacts_dir=cache_dir() / "artifacts" / (self.cls.artifacts_family or self.cls.name),
             progress=self.spec.progress,
             log=self.log,
         )
