@@ -13,9 +13,10 @@ from zsad_bench_methods._spg_sae import (
     aggregate_scores,
     anomaly_probability,
     cosine_to_guides,
-    gaussian_smooth,
     upsample_map,
 )
+
+from zsad_bench.postprocess import gaussian_smooth
 
 TOKENS, DIM, WIDTH, K, GRID, SIZE = 784, 1024, 4096, 32, 28, 448
 

@@ -32,13 +32,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
-from scipy.ndimage import gaussian_filter
 from torch import nn
 from zsad_bench_methods.winclip import clip_embed, clip_model
 
 from zsad_bench.backbones.base import Backbone
 from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.postprocess import dice_loss, gaussian_smooth
 
 
 class PromptLearner(nn.Module):
@@ -135,21 +135,6 @@ def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, sm
     onehot = F.one_hot(target.reshape(-1).long(), c).to(p.dtype).clamp(smooth / (c - 1), 1.0 - smooth)
     pt = (onehot * p).sum(1) + smooth
     return (-((1 - pt) ** gamma) * pt.log()).mean()
-
-
-def dice_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``1 - mean_b (2 sum(p t) + 1) / (sum p + sum t + 1)`` over images of ``(B, H, W)`` maps."""
-    p, t = pred.flatten(1), target.flatten(1)
-    return 1 - ((2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_filter`` of each ``(H, W)`` map (as the official test scripts)."""
-    if sigma <= 0:
-        return maps
-    arr = maps.detach().float().cpu().numpy()
-    out = np.stack([gaussian_filter(m, sigma=sigma) for m in arr])
-    return torch.from_numpy(out).to(maps.device)
 
 
 def resolve_blocks(layers: tuple[int, ...], n_blocks: int, method: str) -> tuple[int, ...]:

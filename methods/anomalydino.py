@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from zsad_bench.backbones.base import Backbone
 from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.postprocess import gaussian_smooth
 
 
 def cosine_knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk: int = 4096) -> torch.Tensor:
@@ -58,29 +59,6 @@ def mean_top_fraction(values: torch.Tensor, fraction: float = 0.01) -> torch.Ten
     if n == 0:
         return values.max(dim=-1).values
     return values.topk(n, dim=-1).values.mean(dim=-1)
-
-
-def _reflect_index(n: int, pad: int, device: torch.device) -> torch.Tensor:
-    """Indices of a length-``n`` axis padded by ``pad`` with scipy's ``reflect`` rule (d c b a | a b c d)."""
-    idx = torch.arange(-pad, n + pad, device=device)
-    period = 2 * n
-    idx = torch.remainder(idx, period)
-    return torch.where(idx >= n, period - 1 - idx, idx)
-
-
-def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Gaussian filter of ``(B, H, W)`` maps matching ``scipy.ndimage.gaussian_filter`` (reflect border)."""
-    if sigma <= 0:
-        return maps
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(maps.dtype)
-    _, h, w = maps.shape
-    out = maps[:, _reflect_index(h, radius, maps.device)]
-    out = F.conv2d(out[:, None], kernel.view(1, 1, -1, 1))[:, 0]
-    out = out[:, :, _reflect_index(w, radius, maps.device)]
-    return F.conv2d(out[:, None], kernel.view(1, 1, 1, -1))[:, 0]
 
 
 def _binary_dilate(mask: torch.Tensor, size: int) -> torch.Tensor:

@@ -30,10 +30,8 @@ from zsad_bench_methods._spg_sae import (
     auxk_loss,
     cosine_to_guides,
     decode_sparse,
-    dice_loss,
     effective_coefficients,
     focal_loss,
-    gaussian_smooth,
     sparse_topk,
     upsample_map,
 )
@@ -42,6 +40,7 @@ from zsad_bench.backbones.base import Features
 from zsad_bench.data import samples_fingerprint
 from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.postprocess import dice_loss, gaussian_smooth
 from zsad_bench.results import atomic_write_bytes
 
 STATE_FORMAT = "spg/v1"

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from zsad_bench_methods.anomalyclip import (
     attention_pair,
-    dice_loss,
     dpam_forward,
     encode_learned_text,
     focal_loss,
@@ -19,6 +18,7 @@ from zsad_bench_methods.anomalyclip import (
 from tests.test_winclip import image_source, run_tiny_synthetic, tiny_clip
 from zsad_bench.detector import FitContext, create_method, list_methods
 from zsad_bench.errors import ZsadError
+from zsad_bench.postprocess import dice_loss
 
 
 def _heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ from zsad_bench_methods.anomalydino import (
     AnomalyDINO,
     cosine_knn_distance,
     foreground_mask,
-    gaussian_smooth,
     mean_top_fraction,
 )
 
@@ -20,6 +19,7 @@ from tests.fakes import GridBackbone
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import FitContext, LearningType, create_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.postprocess import gaussian_smooth
 from zsad_bench.source import FeatureSource, tensor_features
 
 

@@ -18,15 +18,14 @@ from zsad_bench_methods._spg_sae import (
     auxk_loss,
     cosine_to_guides,
     decode_sparse,
-    dice_loss,
     effective_coefficients,
     focal_loss,
-    gaussian_kernel1d,
-    gaussian_smooth,
     sparse_topk,
     topk_codes,
     upsample_map,
 )
+
+from zsad_bench.postprocess import dice_loss, gaussian_kernel1d, gaussian_smooth
 
 
 def test_topk_hand_case_and_negative_clamp() -> None:
