@@ -219,9 +219,14 @@ def _convert(value: str, hint: Any, where: str) -> Any:
 def create_method(name: str, backbone: Backbone, device: str | torch.device = "cpu", **overrides: Any) -> Detector:
     """Build method ``name`` on ``backbone`` with config overrides (unknown keys are an error)."""
     cls = get_method_class(name)
-    if cls.supported_backbones is not None and backbone.name not in cls.supported_backbones:
+    check_backbone(cls, backbone.name)
+    return cls(backbone, parse_overrides(cls, overrides), device)
+
+
+def check_backbone(cls: type[Detector], backbone_name: str) -> None:
+    """Refuse a backbone outside ``cls.supported_backbones`` (CLIP text methods, ViT-only methods)."""
+    if cls.supported_backbones is not None and backbone_name not in cls.supported_backbones:
         raise ZsadError(
-            f"method '{name}' does not run on backbone '{backbone.name}'; "
+            f"method '{cls.name}' does not run on backbone '{backbone_name}'; "
             f"use --backbone {' or '.join(cls.supported_backbones)}"
         )
-    return cls(backbone, parse_overrides(cls, overrides), device)

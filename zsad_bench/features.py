@@ -20,10 +20,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import struct
-import tempfile
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from zsad_bench.data.io import load_image
 from zsad_bench.data.records import Sample
 from zsad_bench.errors import DataError, ZsadError
 from zsad_bench.paths import cache_dir
+from zsad_bench.results import atomic_write_bytes
 
 MAGIC = b"ZSADFC01"
 SUFFIX = ".zfc"
@@ -70,7 +69,7 @@ class FeatureCache:
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+            atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode(), durable=False)
         return folder
 
     @staticmethod
@@ -97,8 +96,7 @@ class FeatureCache:
         head = json.dumps(header).encode()
         prefix = MAGIC + struct.pack("<I", len(head)) + head
         prefix += b"\0" * (-len(prefix) % ALIGN)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, prefix + payload)
+        atomic_write_bytes(path, prefix + payload, durable=False)
 
     def read(self, path: Path) -> dict[str, torch.Tensor] | None:
         """Float32 tensors of a valid entry, or None when it is missing, truncated or corrupt."""
@@ -170,18 +168,6 @@ class FeatureCache:
             removed += len(list(folder.glob(f"*/*{SUFFIX}")))
             shutil.rmtree(folder)
         return removed
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class _Images(TorchDataset):

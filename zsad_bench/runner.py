@@ -37,6 +37,7 @@ from zsad_bench.detector import (
     Detector,
     FitContext,
     LearningType,
+    check_backbone,
     create_method,
     get_method_class,
     parse_overrides,
@@ -226,12 +227,7 @@ class Runner:
         self.backbone_name = spec.backbone or self.cls.default_backbone
         # cheap checks first: a typo in --set or an unsupported backbone fails before any weights load
         parse_overrides(self.cls, spec.method_config)
-        supported = self.cls.supported_backbones
-        if supported is not None and self.backbone_name not in supported:
-            raise ZsadError(
-                f"method '{self.cls.name}' does not run on backbone '{self.backbone_name}'; "
-                f"use --backbone {' or '.join(supported)}"
-            )
+        check_backbone(self.cls, self.backbone_name)
         image_size = spec.image_size
         if image_size is None and spec.backbone in (None, self.cls.default_backbone):
             image_size = self.cls.default_image_size  # the paper's size on the paper's backbone
@@ -396,16 +392,9 @@ class Runner:
 
     def _check_categories(self) -> None:
         """Every ``--categories`` entry must be a category of some target (legs may have disjoint ones)."""
-        if not self.spec.categories:
-            return
-        specs = sorted({t for leg in self.legs for t in leg.targets})
-        known = [c for t in specs for c in open_dataset(t).categories]
-        missing = [c for c in self.spec.categories if c not in known]
-        if missing:
-            raise ZsadError(
-                f"target categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} not in "
-                f"{' + '.join(specs)}; available: {', '.join(known)}"
-            )
+        if self.spec.categories:
+            specs = tuple(sorted({t for leg in self.legs for t in leg.targets}))
+            open_datasets(specs, self.spec.categories, "test", "target")
 
     def _start(self, out: Path, run_id: str) -> RunResult:
         fresh = self.new_result(run_id)
@@ -430,7 +419,7 @@ class Runner:
     def _run_leg(self, result: RunResult, out: Path, leg: Leg, seed: int) -> None:
         spec = self.spec
         done = {(r.seed, r.protocol, r.target, r.category) for r in result.records}
-        targets = [(t, open_datasets((t,), None, "test", "target")) for t in leg.targets]
+        targets = [(t, open_dataset(t)) for t in leg.targets]  # all splits: few-shot references come from train
         todo = [
             (t, ds, c)
             for t, ds in targets
@@ -450,10 +439,8 @@ class Runner:
                 result.summary[f"{k}|{leg.name}|seed={seed}"] = v
         for target, ds, category in self._progress(todo, f"{leg.name} seed {seed}"):
             t0 = time.perf_counter()
-            full = open_datasets((target,), [category], "train", "target") if lt is LearningType.FEW_SHOT else None
-            if full is not None:
-                refs = self.reference_samples(full, seed)
-                self.fit(refs, seed)
+            if lt is LearningType.FEW_SHOT:
+                self.fit(self.reference_samples(ds.select([category]), seed), seed)
             test = ds.select([category], "test").samples
             if not test:
                 raise ZsadError(f"{ds.root}: category '{category}' has no test images")
