@@ -40,15 +40,6 @@ class FeatureSource:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def subset(self, indices: Sequence[int]) -> FeatureSource:
-        """A source over ``samples[indices]`` sharing the same getters."""
-        idx = list(indices)
-        feats = self._features
-        sub = FeatureSource([self.samples[i] for i in idx], self.image_size, None, self._masks, self._images)
-        if feats is not None:
-            sub._features = lambda js: feats([idx[j] for j in js])
-        return sub
-
     def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, masks: bool = False) -> Iterator[Batch]:
         order = np.arange(len(self.samples))
         if shuffle:

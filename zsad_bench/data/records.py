@@ -64,10 +64,6 @@ class Dataset:
             samples = [s for c in order for s in samples if s.category == c]
         return replace(self, samples=samples)
 
-    def fingerprint(self) -> str:
-        """SHA-1 over the sample list (paths, labels, masks): identifies a training set."""
-        return samples_fingerprint(self.samples)
-
 
 def samples_fingerprint(samples: Sequence[Sample]) -> str:
     """SHA-1 of the ordered sample records (paths, labels, masks, sizes and mtimes of images)."""
