@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 import torch
 from tabulate import tabulate
-from zsad_bench_methods.spg import STATE_FORMAT
 
 from zsad_bench.backbones.base import Backbone, Features, Preprocess
 from zsad_bench.bench import time_fn
 from zsad_bench.detector import Batch, create_method
+from zsad_bench.methods.spg import STATE_FORMAT
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from zsad_bench_methods._spg_sae import (
+
+from zsad_bench.methods._spg_sae import (
     TopKSAE,
     aggregate_scores,
     anomaly_probability,
     cosine_to_guides,
     upsample_map,
 )
-
 from zsad_bench.postprocess import gaussian_smooth
 
 TOKENS, DIM, WIDTH, K, GRID, SIZE = 784, 1024, 4096, 32, 28, 448

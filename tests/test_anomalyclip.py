@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from zsad_bench_methods.anomalyclip import (
+
+from tests.test_winclip import image_source, run_tiny_synthetic, tiny_clip
+from zsad_bench.detector import FitContext, create_method, list_methods
+from zsad_bench.errors import ZsadError
+from zsad_bench.methods.anomalyclip import (
     attention_pair,
     dpam_forward,
     encode_learned_text,
     focal_loss,
     similarity_map,
 )
-
-from tests.test_winclip import image_source, run_tiny_synthetic, tiny_clip
-from zsad_bench.detector import FitContext, create_method, list_methods
-from zsad_bench.errors import ZsadError
 from zsad_bench.postprocess import dice_loss
 
 

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
-from zsad_bench_methods.anomalydino import (
-    AnomalyDINO,
-    cosine_knn_distance,
-    foreground_mask,
-    mean_top_fraction,
-)
 
 from tests.fakes import GridBackbone
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import FitContext, LearningType, create_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.methods.anomalydino import (
+    AnomalyDINO,
+    cosine_knn_distance,
+    foreground_mask,
+    mean_top_fraction,
+)
 from zsad_bench.postprocess import gaussian_smooth
 from zsad_bench.source import FeatureSource, tensor_features
 

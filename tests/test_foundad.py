@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from zsad_bench_methods.foundad import FoundAD, Projector, Synthesis, paste, patch_residuals, top_k_mean
 
 from zsad_bench.backbones.base import Backbone, Features, Preprocess
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import FitContext, LearningType, create_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.methods.foundad import FoundAD, Projector, Synthesis, paste, patch_residuals, top_k_mean
 from zsad_bench.source import FeatureSource
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from zsad_bench_methods.musc import interval_average, lnamd, nearest_patch_distances, rscin
 
 from tests.fakes import GridBackbone
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import LearningType, create_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.methods.musc import interval_average, lnamd, nearest_patch_distances, rscin
 from zsad_bench.source import FeatureSource, tensor_features
 
 

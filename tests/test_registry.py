@@ -91,7 +91,7 @@ def test_shipped_plugins_register_through_entry_points() -> None:
 
     names = {ep.name for ep in entry_points(group="zsad_bench.methods")}
     assert {"spg", "anomalydino", "toy-zeroshot"} <= names
-    assert get_method_class("spg").__module__ == "zsad_bench_methods.spg"
+    assert get_method_class("spg").__module__ == "zsad_bench.methods.spg"
 
 
 def test_cli_lists_entry_point_plugin_in_a_fresh_process() -> None:

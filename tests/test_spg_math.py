@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
-from zsad_bench_methods._spg_sae import (
+
+from zsad_bench.methods._spg_sae import (
     EMA,
     DeadLatentTracker,
     TopKSAE,
@@ -24,7 +25,6 @@ from zsad_bench_methods._spg_sae import (
     topk_codes,
     upsample_map,
 )
-
 from zsad_bench.postprocess import dice_loss, gaussian_kernel1d, gaussian_smooth
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from zsad_bench_datasets.synthetic import synthesize
 
+from zsad_bench.adapters.synthetic import synthesize
 from zsad_bench.data import DATASETS, Dataset, open_dataset
 
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from zsad_bench_methods.visualad import SpatialCrossAttention, token_map, topk_mean
 
 from tests.test_winclip import _NoText, image_source, run_tiny_synthetic, tiny_clip
 from zsad_bench.backbones import create_backbone
@@ -14,6 +13,7 @@ from zsad_bench.backbones.base import Backbone
 from zsad_bench.backbones.testing import tiny_config
 from zsad_bench.detector import FitContext, create_method, list_methods
 from zsad_bench.errors import ZsadError
+from zsad_bench.methods.visualad import SpatialCrossAttention, token_map, topk_mean
 
 
 def tiny_dino() -> Backbone:

@@ -9,14 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from zsad_bench_methods.winclip import (
-    anomaly_probability,
-    clip_embed,
-    clip_pool,
-    harmonic_aggregation,
-    prompt_ensemble,
-    window_indices,
-)
 
 from zsad_bench.backbones import create_backbone
 from zsad_bench.backbones.base import Backbone, Features, Preprocess
@@ -24,6 +16,14 @@ from zsad_bench.backbones.testing import tiny_config
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import Batch, create_method, list_methods
 from zsad_bench.errors import ZsadError
+from zsad_bench.methods.winclip import (
+    anomaly_probability,
+    clip_embed,
+    clip_pool,
+    harmonic_aggregation,
+    prompt_ensemble,
+    window_indices,
+)
 from zsad_bench.results import RunResult
 from zsad_bench.runner import RunSpec, run_experiment
 from zsad_bench.source import FeatureSource

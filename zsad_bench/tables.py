@@ -21,7 +21,6 @@ from tabulate import tabulate
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import METRICS
-from zsad_bench.paths import project_root
 from zsad_bench.results import SCHEMA as RESULTS_SCHEMA
 from zsad_bench.results import RunResult
 
@@ -42,7 +41,7 @@ def canonical_protocol(name: str) -> str:
 
 def reported_dir() -> Path:
     """Where the papers' reported figures are kept (CSV, values in percent)."""
-    return project_root() / "results" / "reported"
+    return Path(__file__).resolve().parent / "reported"
 
 
 def _expand(paths: Sequence[Path | str]) -> list[Path]:
@@ -164,7 +163,9 @@ def load_reported(directory: Path | None = None) -> pd.DataFrame:
         df["table"] = "main" if path.stem.endswith("_main_table") else "per_category"
         frames.append(df)
     if not frames:
-        raise ZsadError(f"{directory}: no reported CSV files; restore results/reported from the repository")
+        raise ZsadError(
+            f"{directory}: no reported CSV files; reinstall zsad-bench (its reported figures ship as package data)"
+        )
     return pd.concat(frames, ignore_index=True)
 
 

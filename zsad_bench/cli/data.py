@@ -26,7 +26,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from zsad_bench_datasets.synthetic import generate_synthetic
+    from zsad_bench.adapters.synthetic import generate_synthetic
 
     roots = generate_synthetic(Path(args.out), seed=args.seed, progress=_progress(args))
     for name, root in roots.items():

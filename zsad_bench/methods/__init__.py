@@ -1,4 +1,4 @@
-"""Method plugins shipped with zsad-bench (import name ``zsad_bench_methods``).
+"""Method plugins shipped with zsad-bench.
 
 Each module defines one :class:`zsad_bench.detector.Detector` subclass decorated with
 ``@register_method`` and is exposed through the ``zsad_bench.methods`` entry-point group in

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
-from zsad_bench_datasets._layout import scan_category
 
+from zsad_bench.adapters._layout import scan_category
 from zsad_bench.data import Dataset, register_dataset
 from zsad_bench.errors import DataError
 from zsad_bench.paths import cache_dir

@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from zsad_bench_datasets._layout import SPLITS, sample_order
-
+from zsad_bench.adapters._layout import SPLITS, sample_order
 from zsad_bench.data import ANOMALOUS, NORMAL, Dataset, Sample, register_dataset
 from zsad_bench.errors import DataError
 

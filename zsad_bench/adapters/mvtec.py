@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from zsad_bench_datasets._layout import MVTEC_CATEGORIES, load_mvtec_like
-
+from zsad_bench.adapters._layout import MVTEC_CATEGORIES, load_mvtec_like
 from zsad_bench.data import Dataset, register_dataset
 from zsad_bench.errors import DataError
 

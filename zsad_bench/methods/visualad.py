@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zsad_bench_methods.anomalyclip import focal_loss, resolve_blocks
-from zsad_bench_methods.winclip import clip_embed
 
 from zsad_bench.backbones.base import Backbone
 from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.methods.anomalyclip import focal_loss, resolve_blocks
+from zsad_bench.methods.winclip import clip_embed
 from zsad_bench.postprocess import dice_loss, gaussian_smooth
 
 

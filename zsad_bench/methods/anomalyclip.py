@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
-from zsad_bench_methods.winclip import clip_embed, clip_model
 
 from zsad_bench.backbones.base import Backbone
 from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.methods.winclip import clip_embed, clip_model
 from zsad_bench.postprocess import dice_loss, gaussian_smooth
 
 

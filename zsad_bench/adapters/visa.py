@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from zsad_bench_datasets._layout import (
+from zsad_bench.adapters._layout import (
     SPLITS,
     VISA_CATEGORIES,
     is_category_dir,
@@ -28,7 +28,6 @@ from zsad_bench_datasets._layout import (
     sample_order,
     subdirs,
 )
-
 from zsad_bench.data import ANOMALOUS, NORMAL, Dataset, Sample, register_dataset
 from zsad_bench.errors import DataError
 

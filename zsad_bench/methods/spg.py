@@ -21,7 +21,12 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from zsad_bench_methods._spg_sae import (
+
+from zsad_bench.backbones.base import Features
+from zsad_bench.data import samples_fingerprint
+from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
+from zsad_bench.errors import ZsadError
+from zsad_bench.methods._spg_sae import (
     EMA,
     DeadLatentTracker,
     TopKSAE,
@@ -35,11 +40,6 @@ from zsad_bench_methods._spg_sae import (
     sparse_topk,
     upsample_map,
 )
-
-from zsad_bench.backbones.base import Features
-from zsad_bench.data import samples_fingerprint
-from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
-from zsad_bench.errors import ZsadError
 from zsad_bench.postprocess import dice_loss, gaussian_smooth
 from zsad_bench.results import atomic_write_bytes
 
