@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +14,10 @@ from tests.fakes import GridBackbone
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import LearningType, create_method
 from zsad_bench.errors import ZsadError
-from zsad_bench.methods.musc import interval_average, lnamd, nearest_patch_distances, rscin
+from zsad_bench.backbones.base import Features
+from zsad_bench.detector import get_method_class
+from zsad_bench.methods.musc import MuSc, evenly_spaced_blocks, interval_average, lnamd, nearest_patch_distances, rscin
+from zsad_bench.presets import resolve
 from zsad_bench.source import FeatureSource, tensor_features
 
 
@@ -111,6 +115,47 @@ def test_predict_source_matches_slow_pipeline() -> None:
     assert scores.argmax().item() == 4
     # a corner pixel is exactly its patch score (align_corners=True)
     assert maps[4, 0, 0].item() == pytest.approx(slow[4, 0], abs=1e-4)
+
+
+def test_layers_are_four_evenly_spaced_blocks_as_the_official_configs() -> None:
+    # official: ViT-L feature_layers [5, 11, 17, 23] (+1 -> blocks 6, 12, 18, 24); ViT-B [2, 5, 8, 11] -> 3, 6, 9, 12
+    assert evenly_spaced_blocks(24) == (6, 12, 18, 24)
+    assert evenly_spaced_blocks(12) == (3, 6, 9, 12)
+    assert evenly_spaced_blocks(2) == (1, 2)
+    dino = SimpleNamespace(num_blocks=24, normed_layers=True, text=False)
+    clip = SimpleNamespace(num_blocks=24, normed_layers=True, text=True)
+    assert MuSc.layers_for(dino) == ("6:norm", "12:norm", "18:norm", "24:norm")
+    assert MuSc.layers_for(clip) == ("6", "12", "18", "24")  # CLIP: raw residual stream, before ln_post
+    assert MuSc.layers_for(SimpleNamespace(num_blocks=None)) is None  # effnet-lite0: default layers
+
+
+def test_four_block_average_matches_the_official_formula() -> None:
+    """Scores = mean over r of the mean over the 4 layers of MSM(LNAMD_r(layer)), computed here by loops."""
+    gen = torch.Generator().manual_seed(3)
+    names = ("6:norm", "12:norm", "18:norm", "24:norm")
+    layers = {name: torch.randn(5, 3, 3, 4, generator=gen) for name in names}
+    samples = [Sample(Path(f"img{i}.png"), "cat", 0, None, "good", "test") for i in range(5)]
+
+    def get(indices):
+        idx = torch.as_tensor(list(indices))
+        return Features({name: grid[idx] for name, grid in layers.items()})
+
+    det = create_method("musc", GridBackbone(12, embed_dim=4), r_list=(1, 3), rscin_k=())
+    maps = torch.cat([p.maps for _, p in det.predict_source(FeatureSource(samples, 12, get), batch_size=2)])
+    per_r = [np.mean([_slow_msm(_slow_lnamd(layers[n].double().numpy(), r)) for n in names], axis=0) for r in (1, 3)]
+    slow = np.mean(per_r, axis=0)
+    want = F.interpolate(torch.from_numpy(slow).view(5, 1, 3, 3), size=(12, 12), mode="bilinear", align_corners=True)
+    np.testing.assert_allclose(maps.numpy(), want[:, 0].numpy(), atol=1e-4)
+
+
+def test_rscin_window_comes_from_the_target() -> None:
+    cls = get_method_class("musc")
+    assert resolve(cls, "paper", "mvtec").config_overrides == {"rscin_k": (1, 2, 3)}
+    assert resolve(cls, "paper", "visa").config_overrides == {"rscin_k": (1, 8, 9)}
+    assert resolve(cls, "matched", "visa", backbone="dinov2").config_overrides == {"rscin_k": (1, 8, 9)}
+    assert resolve(cls, "paper", "visa", overrides={"rscin_k": "1"}).config_overrides == {"rscin_k": "1"}
+    paper = resolve(cls, "paper", None)
+    assert (paper.backbone, paper.image_size, paper.config_overrides) == ("openclip", 518, {})
 
 
 def test_rscin_uses_mean_patch_token_without_global_token() -> None:

@@ -24,18 +24,31 @@ Steps, as in the official code:
   empty = off): scores are min-max normalised over the category, then averaged over the ``k`` most
   similar images (similarity of global image embeddings, self included) and over the values of ``k``.
 
-Differences: the official runs use 4 intermediate layers of ViT-L/14 at 518 px (CLIP or DINOv2);
-here the layers are whatever the backbone's default feature layers are (all layers present in the
-features are averaged; default backbone ``dinov2``); RsCIN uses cosine similarity of the backbone's
-global token (official: the raw dot product of the CLIP/DINO image embedding), or of the mean patch
-token when the backbone has no global token. When ``int(0.3 (N-1)) == 0``
-(fewer than 5 images) the single nearest image is used instead of the empty mean.
+Paper setting (``--preset paper``; official ``configs/musc.yaml``, ``scripts/musc_*.sh``): CLIP
+ViT-L/14@336 (openai; ``openclip`` here) at 518 px, the outputs of blocks 6/12/18/24 (``feature_layers:
+[5, 11, 17, 23]`` +1, ``models/musc.py:59``), averaged over the 4 layers and the 3 values of ``r``
+(``models/musc.py:207-216``). For CLIP these are the raw residual-stream outputs (the repo's
+``open_clip/transformer.py:336`` appends ``x`` before ``ln_post``); for DINOv2 (``dinov2_vitl14``) they
+come from ``get_intermediate_layers(n=[5, 11, 17, 23])`` (``models/musc.py:164``), whose ``norm=True``
+default passes them through the final LayerNorm (``models/backbone/dino_vision_transformer.py:276-277``),
+i.e. layer names ``"6:norm"``... here. :meth:`MuSc.layers_for` picks these for any ViT: 4 evenly spaced
+blocks ``n/4, n/2, 3n/4, n`` of ``capabilities.num_blocks`` (ViT-B: 3/6/9/12, as the official ViT-B runs),
+raw on backbones with a text tower (CLIP), final-normed on the others when the backbone offers normed
+layers. RsCIN windows come from the target (``dataset_defaults``): MVTec AD ``1,2,3``, VisA ``1,8,9``
+(``models/musc.py:242-247``). All layers present in the features are averaged; on a backbone without
+numbered blocks (``effnet-lite0``) its default layers are used.
+
+Differences: RsCIN uses cosine similarity of the backbone's global token (official: the raw dot product
+of the CLIP/DINO image embedding), or of the mean patch token when the backbone has no global token.
+When ``int(0.3 (N-1)) == 0`` (fewer than 5 images) the single nearest image is used instead of the empty
+mean. Images are processed in fp32 (official: CUDA autocast).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +56,7 @@ import torch.nn.functional as F
 from zsad_bench.backbones.base import Backbone, Features
 from zsad_bench.detector import Batch, DataSource, Detector, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.presets import PaperSetting
 
 
 def lnamd(grid: torch.Tensor, r: int) -> torch.Tensor:
@@ -90,6 +104,11 @@ def interval_average(d: torch.Tensor, low: float = 0.0, high: float = 0.3) -> to
     return ordered[:, k_lo:k_hi].mean(dim=1)
 
 
+def evenly_spaced_blocks(num_blocks: int, count: int = 4) -> tuple[int, ...]:
+    """``count`` evenly spaced 1-based block indices ending at the last block (24 -> 6, 12, 18, 24)."""
+    return tuple(dict.fromkeys(max(1, num_blocks * i // count) for i in range(1, count + 1)))
+
+
 def rscin(scores: torch.Tensor, embeddings: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
     """RsCIN re-scoring: min-max normalised ``scores`` averaged over each image's ``k`` most similar images."""
     if not ks:
@@ -116,16 +135,45 @@ class MuSc(Detector):
     display_name = "MuSc"
     learning_type = LearningType.TRAINING_FREE
     paper = "Li et al., MuSc, ICLR 2024 (github.com/xrli-U/MuSc)"
-    default_backbone = "dinov2"
+    default_backbone = "openclip"
+    default_image_size = 518
+    paper_setting: ClassVar[PaperSetting] = PaperSetting(
+        "openclip", 518, note="CLIP ViT-L/14@336 (openai) at 518 px, raw outputs of blocks 6/12/18/24 averaged"
+    )
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "mvtec": {"rscin_k": (1, 2, 3)},
+        "visa": {"rscin_k": (1, 8, 9)},
+    }
 
     @dataclass
     class Config:
-        r_list: tuple[int, ...] = (1, 3, 5)  # LNAMD neighbourhood sizes (odd)
-        interval_low: float = 0.0  # MSM interval average: lower rank fraction
-        interval_high: float = 0.3  # MSM interval average: upper rank fraction
-        rscin_k: tuple[int, ...] = (1, 2, 3)  # RsCIN window sizes (MVTec AD 1,2,3; VisA 1,8,9); empty: off
+        r_list: tuple[int, ...] = field(
+            default=(1, 3, 5), metadata={"inference": True, "help": "LNAMD neighbourhood sizes (odd)"}
+        )
+        interval_low: float = field(
+            default=0.0, metadata={"inference": True, "ge": 0.0, "lt": 1.0, "help": "MSM interval: lower fraction"}
+        )
+        interval_high: float = field(
+            default=0.3, metadata={"inference": True, "gt": 0.0, "le": 1.0, "help": "MSM interval: upper fraction"}
+        )
+        rscin_k: tuple[int, ...] = field(
+            default=(1, 2, 3),
+            metadata={
+                "inference": True,
+                "help": "RsCIN windows (MVTec AD 1,2,3; VisA 1,8,9; from the target); empty: off",
+            },
+        )
 
     inference_options = ("r_list", "interval_low", "interval_high", "rscin_k")
+
+    @classmethod
+    def layers_for(cls, capabilities: Any) -> tuple[str, ...] | None:
+        """Blocks n/4, n/2, 3n/4, n of a ViT (raw with a text tower, else final-normed when offered); else None."""
+        num_blocks = getattr(capabilities, "num_blocks", None)
+        if not num_blocks:
+            return None
+        normed = bool(getattr(capabilities, "normed_layers", False)) and not getattr(capabilities, "text", False)
+        return tuple(f"{b}:norm" if normed else str(b) for b in evenly_spaced_blocks(num_blocks))
 
     def __init__(self, backbone: Backbone, config: Config | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__(backbone, config, device)
