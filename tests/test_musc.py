@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from tests.fakes import GridBackbone
-from zsad_bench.data.records import Sample
-from zsad_bench.detector import LearningType, create_method
-from zsad_bench.errors import ZsadError
 from zsad_bench.backbones.base import Features
-from zsad_bench.detector import get_method_class
+from zsad_bench.data.records import Sample
+from zsad_bench.detector import LearningType, create_method, get_method_class
+from zsad_bench.errors import ZsadError
 from zsad_bench.methods.musc import MuSc, evenly_spaced_blocks, interval_average, lnamd, nearest_patch_distances, rscin
 from zsad_bench.presets import resolve
 from zsad_bench.source import FeatureSource, tensor_features

@@ -160,7 +160,7 @@ class MuSc(Detector):
             default=(1, 2, 3),
             metadata={
                 "inference": True,
-                "help": "RsCIN windows (MVTec AD 1,2,3; VisA 1,8,9; from the target); empty: off",
+                "help": "RsCIN windows (MVTec AD 1,2,3; VisA 1,8,9); empty: off",
             },
         )
 
