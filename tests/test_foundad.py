@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,9 +12,10 @@ import torch
 
 from zsad_bench.backbones.base import Backbone, Features, Preprocess
 from zsad_bench.data.records import Sample
-from zsad_bench.detector import FitContext, LearningType, create_method
+from zsad_bench.detector import FitContext, LearningType, create_method, get_method_class
 from zsad_bench.errors import ZsadError
 from zsad_bench.methods.foundad import FoundAD, Projector, Synthesis, paste, patch_residuals, top_k_mean
+from zsad_bench.presets import resolve
 from zsad_bench.source import FeatureSource
 
 
@@ -149,6 +151,59 @@ def test_short_fit_decreases_loss_and_predicts_residuals() -> None:
     torch.testing.assert_close(clone.predict(next(_source(images[:2]).batches(2))).scores, pred.scores)
 
 
+class _SpyBackbone(ConvBackbone):
+    """Records the batch size and layer names of every backbone call; declares 12 blocks with normed layers."""
+
+    capabilities = SimpleNamespace(num_blocks=12, normed_layers=True, text=False)
+
+    def __init__(self) -> None:
+        super().__init__(32)
+        self.calls: list[tuple[int, tuple[str, ...] | None]] = []
+
+    def forward_features(self, images: torch.Tensor, layers=None) -> Features:
+        self.calls.append((images.shape[0], None if layers is None else tuple(layers)))
+        grid = self.conv(images).permute(0, 2, 3, 1)
+        return Features({name: grid for name in (layers or ("last",))})
+
+
+def test_one_shot_trains_on_batches_of_eight_augmented_copies() -> None:
+    """Official: 8 images per step (a drop_last loader over all shots), here 8 copies of a single shot."""
+    spy = _SpyBackbone()
+    det = create_method("foundad", spy, steps=3, width=16, depth=1, heads=2, p_cutpaste=0.0, dropout=0.0)
+    image = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    det.fit(_source(image), FitContext(torch.device("cpu"), seed=1, progress=False))
+    assert [n for n, _ in spy.calls] == [8, 8, 8]
+    # third-last of 12 blocks through the final norm: get_intermediate_layers(n=3)[0]
+    assert {layers for _, layers in spy.calls} == {("10:norm",)}
+    # cycling shuffled passes: with 3 shots every step holds each shot 2 or 3 times
+    steps = det.batch_indices(3, torch.Generator().manual_seed(0))
+    assert all(len(b) == 8 and sorted(set(b)) == [0, 1, 2] for b in steps)
+    flat = [i for b in steps for i in b]
+    for start in range(0, 24, 3):  # every window of one pass is a permutation of the shots
+        assert sorted(flat[start : start + 3]) == [0, 1, 2]
+
+
+def test_init_keeps_no_depth_rescale() -> None:
+    """The official _init_predictor re-draws every Linear after fix_init_weight: all weights std 0.02."""
+    torch.manual_seed(0)
+    proj = Projector(in_dim=64, dim=64, depth=4, heads=2)
+    for blk in proj.blocks:
+        for lin in (blk.proj, blk.fc2):
+            assert lin.weight.std().item() == pytest.approx(0.02, rel=0.06)
+            assert lin.bias.abs().max().item() == 0.0
+
+
+def test_paper_preset_and_per_dataset_top_k() -> None:
+    cls = get_method_class("foundad")
+    paper = resolve(cls, "paper", "visa")
+    assert (paper.backbone, paper.image_size) == ("dinov3", 512)
+    assert paper.config_overrides == {"projector_scope": "dataset", "top_k": 6}
+    assert resolve(cls, "paper", "mvtec").config_overrides["top_k"] == 10
+    det = create_method("foundad", ConvBackbone(), **paper.config_overrides)
+    assert det.fit_scope == "dataset" and det.config.top_k == 6
+    assert create_method("foundad", ConvBackbone()).fit_scope == "category"
+
+
 def test_user_errors() -> None:
     small = FoundAD(ConvBackbone(), FoundAD.Config(width=16, depth=1, heads=2))
     small.projector = Projector(8, 16, 1, 2)
@@ -156,6 +211,8 @@ def test_user_errors() -> None:
         FoundAD(ConvBackbone()).load_state_dict(small.state_dict())
     with pytest.raises(ZsadError, match="top_k"):
         create_method("foundad", ConvBackbone(), top_k=0)
+    with pytest.raises(ZsadError, match="projector_scope"):
+        create_method("foundad", ConvBackbone(), projector_scope="image")
     with pytest.raises(ZsadError, match="before fit"):
         create_method("foundad", ConvBackbone()).predict(next(_source(torch.zeros(1, 3, 32, 32)).batches(1)))
 

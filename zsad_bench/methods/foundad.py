@@ -9,43 +9,59 @@ Zhai et al., "Foundation Visual Encoders Are Secretly Few-Shot Anomaly Detectors
 Model (official ``vit_predictor``): ``Linear(C -> 384)``, 6 pre-norm transformer blocks (12 heads,
 MLP ratio 4, qkv bias, LayerNorm eps 1e-6) where every block output gets the embedded input added
 (``x = block(x) + x0``), a final LayerNorm and ``Linear(384 -> C)``; no positional embedding
-(``if_pred_pe: false``); truncated-normal(0.02) init with the block output projections divided by
-``sqrt(2 * depth_index)``. With ``C = 768`` (the paper's DINOv3 ViT-B/16) this is 11.2M parameters; on
-this harness's ``dinov3`` (ViT-L/16, ``C = 1024``, the default backbone) 11.4M.
+(``if_pred_pe: false``). Init: every Linear truncated-normal(0.02) with zero bias, LayerNorms (1, 0).
+The predictor's own ``fix_init_weight`` divides the block output projections by ``sqrt(2 * depth_index)``
+(``dinov2/models/vision_transformer.py:469-479``), but ``VisionModule`` then calls ``_init_predictor``
+(``src/foundad.py:33``, ``:120-123``), which re-draws every Linear weight and so undoes that rescale;
+this plugin initialises as the released model ends up. With ``C = 768`` (the paper's DINOv3 ViT-B/16)
+this is 11.2M parameters; on this harness's ``dinov3`` (ViT-L/16, ``C = 1024``) 11.4M.
 
-Training (``train.py``): AdamW (lr 1e-3, weight decay 1e-4, constant), batch 8; each step the
-reference images get the "staged" augmentation of ``dataset.py`` (with p = 0.3 one of h-flip, v-flip,
-rot 90/270; with p = 0.3 one of colour jitter (0.3, 0.3, 0.3, 0.05), grayscale, Gaussian blur) and,
-with probability 0.5 per step, CutPaste (``CutPasteUnion``: per image "normal" (area 2-25%, aspect
-0.3-3.3) or "scar" (2-16 x 10-25 px at 512 px, rotated +-45 deg) with colour jitter 0.5 on the
-patch). The loss is the MSE between the frozen backbone's features of the clean image and the
-projector's output on dropout(0.2)-ed features of the (possibly corrupted) image. The README's
+Training (``src/train.py``): AdamW (lr 1e-3, weight decay 1e-4, constant), batches of 8 images
+(``configs/config.yaml:12``; a ``DataLoader`` with ``drop_last=True``, ``datasets/dataset.py:324-329``,
+over the k shots of *all* categories: 15 images at 1-shot MVTec AD, so every step sees 8 of them). Each
+image of a batch gets, independently, the "staged" augmentation of ``dataset.py`` (with p = 0.3 one of
+h-flip, v-flip, rot 90/270; with p = 0.3 one of colour jitter (0.3, 0.3, 0.3, 0.05), grayscale,
+Gaussian blur); with probability 0.5 per step the projector's input is the CutPaste-corrupted batch
+(``train.py:117-124``; ``CutPasteUnion``: per image "normal" (area 2-25%, aspect 0.3-3.3) or "scar"
+(2-16 x 10-25 px at 512 px, rotated +-45 deg) with colour jitter 0.5 on the patch). The loss is the MSE
+between the frozen backbone's features of the clean batch and the projector's output on dropout(0.2)-ed
+features of the (possibly corrupted) batch. Here every step draws ``batch_size`` = 8 images from the
+references by cycling through shuffled passes over them, each copy augmented on its own, so a 1-shot
+category still trains on batches of 8 differently augmented copies (never on a batch of 1). The README's
 evaluation uses checkpoint step 1950, hence ``steps=1950``.
 
-Scoring (``AD.py``): per patch the mean squared residual over channels between the features and the
-projector's output; image score = mean of the top-K patch residuals (``top_k``: 10 for MVTec AD as
-the default, 6 for VisA, as the paper); map = residual grid bilinearly upsampled to S, no smoothing.
+Features (``src/foundad.py:81-87``): ``get_intermediate_layers(imgs, n=3)[0]``, the third-last block
+passed through the encoder's final LayerNorm (``norm=True`` default), at ``crop_size: 512``
+(``configs/app/train_dinov3.yaml:4``, ``:9``). Here: block ``num_blocks - block_from_end + 1`` as layer
+``"N:norm"`` (``final_norm``) where the backbone offers final-normed layers, else its raw output; on
+backbones without numbered blocks (``effnet-lite0``) the default layer.
+
+Scoring (``AD.py:56-59``, ``:106``): per patch the mean squared residual over channels between the
+features and the projector's output; image score = mean of the top-K patch residuals (``top_k``:
+``K_top_mvtec: 10``, ``K_top_visa: 6``, ``configs/config.yaml:71-72``, applied from the target by
+``dataset_defaults``); map = residual grid bilinearly upsampled to S, no smoothing.
+
+One projector or one per category (``projector_scope``): the paper trains one projector on the k shots
+of all categories of a dataset ("dataset", the ``paper`` preset); "category" fits one per category. The
+detector fits on whatever references it is given; ``fit_scope`` tells the runner which to hand it.
 
 CutPaste is done on the preprocessed image tensors and the backbone runs inside ``fit``
 (``needs_images``): a feature-level imitation would not reproduce how an image-space paste changes
 the tokens of a ViT (context mixing, colour jitter), which is what the projector learns to undo.
 
-Differences: the paper trains one projector on the k shots of all categories of a dataset
-("category-agnostic"); the harness fits per category (``fit`` gets k normal images of one category).
-On backbones with numbered blocks (the ViTs) the features are the raw output of the third-last
-block (``block_from_end``; official: ``get_intermediate_layers(n=3)[0]`` of ViT-B, which also applies
-the final LayerNorm); on others (``effnet-lite0``) the backbone's default layer. The paste
-position is uniform over the image (official: restricted to a per-category Otsu/triangle foreground
-mask keyed by MVTec/VisA class names); colour jitter is applied in [0, 1] pixel space (official: on
-the normalised tensor); scar sizes are scaled by S/512. Runs on any backbone, ``effnet-lite0`` included.
+Differences: the registered ``dinov3`` is ViT-L/16 (the paper: ViT-B/16; no ViT-B/16 DINOv3 is
+registered). The paste position is uniform over the image (official: restricted to a per-category
+Otsu/triangle foreground mask keyed by MVTec/VisA class names); colour jitter is applied in [0, 1]
+pixel space (official: on the normalised tensor); scar sizes are scaled by S/512; images are resized to
+S x S (official: resize to 512). Runs on any backbone, ``effnet-lite0`` included.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +71,7 @@ from torch import nn
 from zsad_bench.backbones.base import Backbone
 from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
+from zsad_bench.presets import PaperSetting
 
 
 class _Block(nn.Module):
@@ -89,14 +106,10 @@ class Projector(nn.Module):
         self.blocks = nn.ModuleList(_Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.out = nn.Linear(dim, in_dim)
-        for m in self.modules():
+        for m in self.modules():  # the released init (_init_predictor): no depth rescale survives
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        with torch.no_grad():
-            for i, blk in enumerate(self.blocks, start=1):
-                blk.proj.weight.div_(math.sqrt(2.0 * i))
-                blk.fc2.weight.div_(math.sqrt(2.0 * i))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x0 = self.embed(x)
@@ -222,24 +235,41 @@ class FoundAD(Detector):
     learning_type = LearningType.FEW_SHOT
     paper = "Zhai et al., Foundation Visual Encoders Are Secretly Few-Shot Anomaly Detectors, ICLR 2026"
     default_backbone = "dinov3"
+    default_image_size = 512
     needs_images = True
+    paper_setting: ClassVar[PaperSetting] = PaperSetting(
+        "dinov3",
+        512,
+        config={"projector_scope": "dataset"},
+        note="DINOv3 at crop 512, third-last block with the final norm, one projector for all categories",
+    )
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {"mvtec": {"top_k": 10}, "visa": {"top_k": 6}}
     inference_options = ("top_k",)
 
     @dataclass
     class Config:
-        steps: int = 1950  # optimisation steps (the README evaluates checkpoint step 1950)
-        batch_size: int = 8
-        lr: float = 1e-3
-        weight_decay: float = 1e-4
-        width: int = 384  # projector embedding width
-        depth: int = 6  # projector blocks
-        heads: int = 12
-        dropout: float = 0.2  # on the projector's input features while training
-        p_cutpaste: float = 0.5  # probability that a step's input images are CutPaste-corrupted
-        jitter: float = 0.5  # colour jitter strength of the pasted patch
-        augment: bool = True  # the official flip/rotate/appearance augmentation of the references
-        top_k: int = 10  # image score: mean of the top-K patch residuals (10 MVTec AD, 6 VisA)
-        block_from_end: int = 3  # ViT block counted from the end (official n_layer=3); 0: backbone default layer
+        steps: int = field(default=1950, metadata={"ge": 1, "help": "optimisation steps (README: checkpoint 1950)"})
+        batch_size: int = field(default=8, metadata={"ge": 1, "help": "images per step (drawn with repetition)"})
+        lr: float = field(default=1e-3, metadata={"gt": 0.0, "help": "AdamW learning rate"})
+        weight_decay: float = field(default=1e-4, metadata={"ge": 0.0, "help": "AdamW weight decay"})
+        width: int = field(default=384, metadata={"ge": 1, "help": "projector embedding width"})
+        depth: int = field(default=6, metadata={"ge": 1, "help": "projector blocks"})
+        heads: int = field(default=12, metadata={"ge": 1, "help": "projector attention heads"})
+        dropout: float = field(default=0.2, metadata={"ge": 0.0, "lt": 1.0, "help": "input dropout while training"})
+        p_cutpaste: float = field(default=0.5, metadata={"ge": 0.0, "le": 1.0, "help": "P(step input is CutPaste)"})
+        jitter: float = field(default=0.5, metadata={"ge": 0.0, "help": "colour jitter of the pasted patch"})
+        augment: bool = field(default=True, metadata={"help": "official flip/rotate/appearance augmentation"})
+        top_k: int = field(
+            default=10, metadata={"inference": True, "ge": 1, "help": "image score: top-K mean (MVTec 10, VisA 6)"}
+        )
+        block_from_end: int = field(
+            default=3, metadata={"ge": 0, "help": "ViT block counted from the end (official n=3); 0: default layer"}
+        )
+        final_norm: bool = field(default=True, metadata={"help": "pass the block through the final norm (official)"})
+        projector_scope: str = field(
+            default="category",
+            metadata={"choices": ("category", "dataset"), "help": "one projector per category or per dataset (paper)"},
+        )
 
     def __init__(self, backbone: Backbone, config: Config | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__(backbone, config, device)
@@ -251,15 +281,38 @@ class FoundAD(Detector):
                 raise ZsadError(f"option foundad.{key}={getattr(cfg, key)}: use an integer >= 1")
         if not 0.0 <= cfg.p_cutpaste <= 1.0 or not 0.0 <= cfg.dropout < 1.0:
             raise ZsadError("options foundad.p_cutpaste / foundad.dropout: use probabilities in [0, 1)")
+        if cfg.projector_scope not in ("category", "dataset"):
+            raise ZsadError(f"option foundad.projector_scope={cfg.projector_scope}: use category or dataset")
         self.projector: Projector | None = None
         self.losses: list[float] = []
 
+    @property
+    def fit_scope(self) -> str:
+        """What one ``fit`` gets: the k shots of one category or of all categories of the target dataset."""
+        return self.config.projector_scope
+
     def feature_layer(self) -> str | None:
-        """Block ``block_from_end`` from the end for backbones with numbered blocks, else None (default layer)."""
-        depth = getattr(self.backbone, "num_layers", None)
+        """Block ``block_from_end`` from the end (``"N:norm"`` when final-normed), else None (default layer)."""
+        caps = getattr(self.backbone, "capabilities", None)
+        # Until every backbone declares capabilities.num_blocks, the HF ViTs' num_layers stands in.
+        depth = getattr(caps, "num_blocks", None) or getattr(self.backbone, "num_layers", None)
         if not isinstance(depth, int) or self.config.block_from_end < 1:
             return None
-        return str(max(1, depth - self.config.block_from_end + 1))
+        block = max(1, depth - self.config.block_from_end + 1)
+        normed = self.config.final_norm and bool(getattr(caps, "normed_layers", False))
+        return f"{block}:norm" if normed else str(block)
+
+    def batch_indices(self, n_refs: int, gen: torch.Generator) -> list[list[int]]:
+        """Reference indices of every step: ``batch_size`` each, cycling through shuffled passes over the refs."""
+        cfg = self.config
+        stream: list[int] = []
+        steps: list[list[int]] = []
+        for _ in range(cfg.steps):
+            while len(stream) < cfg.batch_size:
+                stream.extend(torch.randperm(n_refs, generator=gen).tolist())
+            steps.append(stream[: cfg.batch_size])
+            stream = stream[cfg.batch_size :]
+        return steps
 
     def grid(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen backbone token grid ``(B, h, w, C)`` of preprocessed images."""
@@ -284,8 +337,7 @@ class FoundAD(Detector):
             raise ZsadError("foundad: no reference images; pass --shots 1 or more")
         self.projector = None
         self.losses = []
-        for step in range(cfg.steps):
-            order = torch.randperm(len(refs), generator=gen).tolist()[: cfg.batch_size]
+        for step, order in enumerate(self.batch_indices(len(refs), gen)):
             clean = torch.stack([synth.augment(refs[i]) if cfg.augment else refs[i] for i in order])
             target = self.tokens(clean)
             if self.projector is None:
