@@ -87,8 +87,8 @@ class ResolvedSettings:
 def dataset_kind(spec: str) -> str | None:
     """Kind of a dataset spec for ``dataset_defaults``: ``mvtec:PATH``/``mvtec`` -> "mvtec", ``visa...`` -> "visa".
 
-    Anything else (``folder:``, ``meta:``, synthetic sets) has no kind: pass the kind explicitly
-    (``--dataset-kind``) when a folder holds MVTec AD or VisA images.
+    Anything else (``folder:``, ``meta:``, synthetic sets) has no kind (no per-dataset defaults) unless the
+    caller passes one to :func:`resolve` explicitly.
     """
     scheme = spec.split(":", 1)[0].strip().lower()
     return scheme if scheme in DATASET_KINDS else None
@@ -104,6 +104,14 @@ def paper_setting(cls: type) -> PaperSetting:
         getattr(cls, "default_image_size", None),
         getattr(cls, "feature_layers", None),
     )
+
+
+def matched_backbone(cls: type) -> str:
+    """:data:`MATCHED_BACKBONE`, or the paper's backbone for a method that cannot run on it (text methods)."""
+    supported = getattr(cls, "supported_backbones", None)
+    if supported is None or MATCHED_BACKBONE in supported:
+        return MATCHED_BACKBONE
+    return paper_setting(cls).backbone
 
 
 def is_control(cls: type) -> bool:
@@ -150,10 +158,12 @@ def resolve(
     paper = paper_setting(cls)
     notes: list[str] = []
     if preset == "matched":
-        chosen = backbone or MATCHED_BACKBONE
+        chosen = backbone or matched_backbone(cls)
         size = image_size
         layers = layers_for(cls, backbone_capabilities(chosen))
         notes.append(f"matched: backbone {chosen} at {size or 'its own'} px")
+        if backbone is None and chosen != MATCHED_BACKBONE:
+            notes.append(f"{name} runs only on {', '.join(cls.supported_backbones)}: kept its paper backbone")
     else:
         chosen = backbone or paper.backbone
         size = image_size if image_size is not None else (paper.image_size if chosen == paper.backbone else None)
@@ -186,15 +196,17 @@ def resolve(
 def describe(cls: type) -> list[str]:
     """Human-readable lines on both presets of ``cls`` (``zsad-bench list methods --details``)."""
     paper = paper_setting(cls)
+    size = f"{paper.image_size} px" if paper.image_size else "the backbone's own input size"
     lines = [
-        f"paper preset: backbone {paper.backbone}, {paper.image_size or 'backbone default'} px, "
+        f"paper preset: backbone {paper.backbone}, {size}, "
         f"layers {','.join(paper.layers) if paper.layers else 'chosen per backbone'}"
         + (f", options {_fmt(paper.config)}" if paper.config else "")
     ]
     if paper.note:
         lines.append(f"  {paper.note}")
     lines.append(
-        f"matched preset: --backbone (default {MATCHED_BACKBONE}) and --image-size being compared, layers per backbone"
+        f"matched preset: --backbone (default {matched_backbone(cls)}) and --image-size being compared, "
+        "layers per backbone"
     )
     for kind, opts in (getattr(cls, "dataset_defaults", {}) or {}).items():
         lines.append(f"target {kind}: {_fmt(opts)} (both presets)")

@@ -1,4 +1,4 @@
-"""``zsad-bench list methods|backbones|datasets [PATTERN]``."""
+"""``zsad-bench list methods|backbones|datasets [PATTERN]`` and ``list methods --details METHOD``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import fnmatch
 
 from tabulate import tabulate
+
+from zsad_bench.errors import ZsadError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,16 +19,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("what", choices=("methods", "backbones", "datasets"))
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'spg*'")
     p.add_argument("--learning-type", choices=("training-free", "zero-shot", "few-shot"), help="methods only")
+    p.add_argument(
+        "--details", metavar="METHOD", help="methods only: print METHOD's paper and matched presets and its options"
+    )
     p.set_defaults(func=_list)
 
 
-def method_rows(pattern: str = "*", learning_type: str | None = None) -> list[list[str]]:
-    """One row per method: name, learning type, default backbone, backbones it runs on, input, paper."""
+def method_rows(pattern: str = "*", learning_type: str | None = None, controls: bool = False) -> list[list[str]]:
+    """One row per method (or, with ``controls``, per control): name, learning type, default backbone,
+    backbones it runs on, input, paper."""
     from zsad_bench.detector import get_method_class, list_methods
+    from zsad_bench.presets import is_control
 
     rows = []
     for name in list_methods(pattern, learning_type):
         cls = get_method_class(name)
+        if is_control(cls) != controls:
+            continue
         if cls.supported_backbones is None:
             backbones = "any"
         else:
@@ -38,12 +47,45 @@ def method_rows(pattern: str = "*", learning_type: str | None = None) -> list[li
     return rows
 
 
+def method_details(name: str) -> str:
+    """What ``list methods --details NAME`` prints: the method, both presets, per-dataset defaults, options."""
+    import dataclasses
+
+    from zsad_bench.detector import get_method_class
+    from zsad_bench.presets import describe, is_control
+
+    cls = get_method_class(name)
+    lines = [f"{name}: {cls.paper}", f"learning type: {cls.learning_type}" + (" (control)" if is_control(cls) else "")]
+    lines += describe(cls)
+    options = []
+    for f in dataclasses.fields(cls.Config):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        meta = f.metadata
+        note = meta.get("help", "")
+        if meta.get("choices"):
+            note += f" (choices: {', '.join(map(str, meta['choices']))})"
+        inference = meta.get("inference") or f.name in getattr(cls, "inference_options", ())
+        options.append([f.name, default, "predict" if inference else "fit", note])
+    if options:
+        lines += ["", tabulate(options, ["option", "default", "affects", "help"])]
+    return "\n".join(lines)
+
+
 def _list(args: argparse.Namespace) -> int:
+    if args.details and args.what != "methods":
+        raise ZsadError(f"--details applies to 'list methods'; use zsad-bench list methods --details {args.details}")
     if args.what == "methods":
         from zsad_bench.detector import METHODS
 
-        rows = method_rows(args.pattern, args.learning_type)
-        print(tabulate(rows, ["method", "learning type", "default backbone", "backbones", "input", "paper"]))
+        if args.details:
+            print(method_details(args.details))
+            return 0
+        head = ["method", "learning type", "default backbone", "backbones", "input", "paper"]
+        print(tabulate(method_rows(args.pattern, args.learning_type), head))
+        controls = method_rows(args.pattern, args.learning_type, controls=True)
+        if controls:
+            print("\ncontrols (floors, not methods; never marked best in a table):")
+            print(tabulate(controls, ["control", *head[1:]]))
         errors = METHODS.load_errors
     elif args.what == "backbones":
         from zsad_bench.backbones import BACKBONES, list_backbones
