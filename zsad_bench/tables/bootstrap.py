@@ -9,8 +9,9 @@ scored by each seed's model), its mean over the categories where the metric is d
 percentile interval of the replicates (``numpy.percentile``, linear interpolation).
 
 AUROC is computed for all replicates at once from ranks (Mann-Whitney U with tied ranks averaged, equal to
-``sklearn.metrics.roc_auc_score``) because a Python loop over 1,000 replicates x categories is slow; AP uses
-``sklearn.metrics.average_precision_score`` per replicate.
+``sklearn.metrics.roc_auc_score``), and AP from one sort per replicate (equal to
+``sklearn.metrics.average_precision_score``), because a Python loop of sklearn calls over 1,000 replicates x
+15 categories x seeds takes tens of seconds; the tests hold both to sklearn.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score
 
 from zsad_bench.errors import ZsadError
 
@@ -76,11 +76,25 @@ def _auroc_rows(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 
 def _ap_rows(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    labels = np.r_[np.zeros(neg.shape[-1]), np.ones(pos.shape[-1])]
-    flat_neg = neg.reshape(-1, neg.shape[-1])
-    flat_pos = pos.reshape(-1, pos.shape[-1])
-    values = [average_precision_score(labels, np.r_[a, b]) for a, b in zip(flat_neg, flat_pos, strict=True)]
-    return np.asarray(values).reshape(neg.shape[:-1])
+    """Average precision of each row, as ``sklearn.metrics.average_precision_score`` (one step per distinct score).
+
+    Scores sorted descending; at the last image of each group of tied scores, the recall step (new true
+    positives / n1) times the precision there (true positives / images so far) is summed.
+    """
+    n1 = pos.shape[-1]
+    scores = np.concatenate([neg, pos], axis=-1)
+    labels = np.concatenate([np.zeros(neg.shape, bool), np.ones(pos.shape, bool)], axis=-1)
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=-1)
+    tp = np.cumsum(np.take_along_axis(labels, order, axis=-1), axis=-1)
+    end = np.ones(ranked.shape, bool)
+    end[..., :-1] = ranked[..., :-1] != ranked[..., 1:]
+    at_end = np.where(end, tp, 0)
+    previous = np.concatenate(
+        [np.zeros((*tp.shape[:-1], 1)), np.maximum.accumulate(at_end, axis=-1)[..., :-1]], axis=-1
+    )
+    seen = np.arange(1, ranked.shape[-1] + 1)
+    return np.sum(np.where(end, (tp - previous) * tp / seen, 0.0), axis=-1) / n1
 
 
 def replicates(groups: list[Stratum], metric: str, n_boot: int, seed: int) -> dict[str, np.ndarray]:
@@ -145,7 +159,8 @@ def paired(
 
     The p-value is the bootstrap test of Efron & Tibshirani (An Introduction to the Bootstrap, ch. 16): the
     replicates centred on the observed difference stand in for the null distribution,
-    ``p = (1 + #{|d*_b - d| >= |d|}) / (B + 1)``.
+    ``p = (1 + #{|d*_b - d| >= |d|}) / (B + 1)``, where differences within 1e-12 count as equal (a replicate
+    whose difference is exactly 0 counts however the float sums round).
     """
     ra = replicates(a, "image_auroc", n_boot, seed)
     rb = replicates(b, "image_auroc", n_boot, seed)

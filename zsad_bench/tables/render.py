@@ -148,6 +148,7 @@ class Model:
     titles: dict[str, str]
     hidden_controls: int
     ci: dict[tuple, tuple[float, float]]
+    ci_requested: bool = False
 
     def col(self, key: str, column: str) -> Mapping[str, Any]:
         sub = self.info[(self.info["table_key"] == key) & (self.info["column"] == column)]
@@ -199,6 +200,7 @@ def build(
     model = Model(rows, cells(rows, done), column_info(rows), done, titles, hidden, {})
     if ci is not None:
         model.ci = intervals(model, images, ci, n_boot, ci_seed)
+        model.ci_requested = True
     return model
 
 
@@ -221,7 +223,7 @@ def intervals(
 ) -> dict[tuple, tuple[float, float]]:
     """Bootstrap intervals keyed like cells: (table, metric, category, is_mean, column) -> (low, high)."""
     if not 0 < level < 100:
-        raise ZsadError(f"--ci {level}: give a confidence level in percent, between 0 and 100 (e.g. 95)")
+        raise ZsadError(f"--ci {level:g}: give a confidence level in percent, between 0 and 100 (e.g. 95)")
     if n_boot < 10:
         raise ZsadError(f"--bootstrap {n_boot}: use at least 10 replicates (1000 is usual)")
     out = {}
@@ -282,7 +284,7 @@ def _cell(
     return _fmt_cell(r.mean, r.std, r.n, fmt, bold, extra)
 
 
-def _notes(model: Model, key: str, cols: Sequence[str], body: list[list[str]], fmt: str) -> list[str]:
+def _notes(model: Model, key: str, metric: str, cols: Sequence[str], body: list[list[str]], fmt: str) -> list[str]:
     """Footnotes: each column's setting and backbone, and every mark that appears in the table."""
     esc = md_escape if fmt == "md" else latex_escape
     notes = []
@@ -313,7 +315,7 @@ def _notes(model: Model, key: str, cols: Sequence[str], body: list[list[str]], f
                          "(not averaged into the mean)."))  # fmt: skip
     if PARTIAL_MARK in text or r"\ddagger" in text:
         notes.append(esc(f"{PARTIAL_MARK} mean over the categories with masks only."))
-    if model.ci:
+    if model.ci_requested and metric in bootstrap.CI_METRICS:
         with_ci = [c for c in cols if any(k[0] == key and k[4] == c for k in model.ci)]
         without = [c for c in cols if c not in with_ci]
         note = "[low, high]: bootstrap confidence interval (images resampled within each category and label)."
@@ -364,7 +366,7 @@ def _per_category_tables(model: Model, fmt: str) -> list[str]:
             body.append([name, *texts])
         header = ["Category", *(_escape(c, fmt) for c in cols)]
         title = _escape(f"{model.titles[key]} - {metric} (%): {METRICS[metric]}", fmt)
-        notes = _notes(model, key, cols, body, fmt)
+        notes = _notes(model, key, metric, cols, body, fmt)
         margin = _margin_note(model, key, metric, cols, look, fmt)
         out.append(_grid_text(title, header, body, fmt, [len(body) - 1], notes + ([margin] if margin else [])))
     return out
@@ -426,7 +428,7 @@ def _long_csv(model: Model) -> str:
         )
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*CSV_COLUMNS, *(("ci_low", "ci_high") if model.ci else ())])
+    writer.writerow([*CSV_COLUMNS, *(("ci_low", "ci_high") if model.ci_requested else ())])
     # each column's own leg (a table may hold several: a zero-shot and a training-free run on MVTec AD)
     leg = model.rows.groupby(["table_key", "column"])["protocol"].first()
     ordered = model.cells.assign(
@@ -436,7 +438,7 @@ def _long_csv(model: Model) -> str:
     for r in ordered.itertuples():
         if math.isfinite(r.mean):
             row = [r.title, r.metric, MEAN if r.is_mean else r.category, r.column, _percent_text(r.mean)]
-            if model.ci:
+            if model.ci_requested:
                 ci = model.ci.get((r.table_key, r.metric, r.category, r.is_mean, r.column))
                 row += [_percent_text(ci[0]), _percent_text(ci[1])] if ci else ["", ""]
             writer.writerow(row)
