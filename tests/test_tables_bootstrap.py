@@ -181,7 +181,7 @@ def test_paired_refuses_different_images_and_v1_files(tmp_path: Path) -> None:
     data["schema"] = "zsad-bench/results/v1"
     del data["images"]
     (v1 / "a.json").write_text(json.dumps(data))
-    with pytest.raises(ZsadError, match="--paired needs two runs .* per-image records"):
+    with pytest.raises(ZsadError, match=r"--paired needs two runs .* per-image records"):
         run_cli(str(v1), "--paired")
     text = render(scan([v1]).evals, "md", ci=95, n_boot=20)
     assert "No interval for A: no per-image records" in text
