@@ -142,6 +142,11 @@ def test_learning_types_side_by_side(tmp_path: Path) -> None:
     assert "SPG (dinov3): zero-shot, VisA -> MVTec AD (data), backbone dinov3, seed 0" in notes
     # another target folder is another target set: its own table
     assert render(df, "md").count("- image_auroc (%)") == 2
+    write(tmp_path / "more.json", "SPG", {"wood": {"image_auroc": 0.6}}, "visa-to-mvtec")
+    text = render(load_results([tmp_path / "other.json", tmp_path / "more.json"]), "md")
+    # two target sets on the same named protocol: the titles say which is which
+    assert "**visa-to-mvtec on MVTec AD (elsewhere) - image_auroc" in text
+    assert "**visa-to-mvtec on MVTec AD (data) - image_auroc" in text
 
 
 def test_same_method_two_settings_get_their_setting(tmp_path: Path) -> None:
@@ -171,16 +176,16 @@ def test_reported_rows_join_by_target_and_keep_their_setting(tmp_path: Path) -> 
     reported = tmp_path / "reported"
     reported.mkdir()
     (reported / "musc_paper.csv").write_text(
-        "protocol,metric,category,method,value,source,aupro_definition\n"
-        "mvtec,image_auroc,bottle,MuSc,99.6,Table 1 arXiv v2,mvtec\n"
-        "mvtec,image_auroc,mean,MuSc,97.8,Table 1 arXiv v2,mvtec\n"
-        "visa,image_auroc,mean,MuSc,92.8,Table 1 arXiv v2,mvtec\n"
+        "protocol,metric,category,method,value,source,aupro_definition,backbone,learning_type\n"
+        "mvtec,image_auroc,bottle,MuSc,99.6,Table 1 arXiv v2,mvtec,ViT-L/14-336,training-free\n"
+        "mvtec,image_auroc,mean,MuSc,97.8,Table 1 arXiv v2,mvtec,ViT-L/14-336,training-free\n"
+        "visa,image_auroc,mean,MuSc,92.8,Table 1 arXiv v2,mvtec,ViT-L/14-336,training-free\n"
     )
     (reported / "zs_paper.csv").write_text(
         "protocol,metric,category,method,value\nvisa_to_mvtec,image_auroc,bottle,WinCLIP,99.2\n"
     )
     rep = load_reported(reported)
-    assert set(rep["setting"]) == {"no auxiliary set", "VisA -> MVTec AD"}
+    assert set(rep["setting"]) == {"training-free", "VisA -> MVTec AD"}
     runs = tmp_path / "runs"
     runs.mkdir()
     write(runs / "spg.json", "SPG", {"bottle": {"image_auroc": 0.714}, "cable": {"image_auroc": 0.5}}, "visa-to-mvtec")
@@ -191,7 +196,10 @@ def test_reported_rows_join_by_target_and_keep_their_setting(tmp_path: Path) -> 
     assert body["bottle"] == ["71.4", "**99.6**", "99.2"]
     assert body["Mean"] == ["60.7", "**97.8**", "–"]
     notes = md_block(text, "visa-to-mvtec - image_auroc")[1]
-    assert "MuSc (reported): no auxiliary set" in notes and "WinCLIP (reported): VisA -> MVTec AD" in notes
+    assert (
+        "MuSc (reported): training-free, backbone ViT-L/14-336" in notes
+        and "WinCLIP (reported): VisA -> MVTec AD" in notes
+    )
     assert "92.8" not in text  # VisA figures: no VisA target measured
 
 

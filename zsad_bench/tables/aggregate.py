@@ -39,12 +39,16 @@ def _file_reported(df: pd.DataFrame) -> pd.DataFrame:
 
 def _titles(df: pd.DataFrame) -> dict[str, str]:
     """Table title per key: the one protocol its measured columns share (else its reported ones), else the
-    target set as a person names it (``MVTec AD``)."""
-    titles = {}
+    target set as a person names it (``MVTec AD``); a title two target sets would share names its targets."""
+    titles, names = {}, {}
     for key, sub in df.groupby("table_key", sort=False):
         measured = sub[sub["source"] == "measured"]
         protocols = set((measured if not measured.empty else sub)["protocol"])
-        titles[key] = protocols.pop() if len(protocols) == 1 else str(sub["target_name"].iloc[0])
+        names[key] = str(sub["target_name"].iloc[0])
+        titles[key] = protocols.pop() if len(protocols) == 1 else names[key]
+    for extra in (names, {k: k for k in titles}):  # the target names, else the dataset specs themselves
+        shared = {t for t in titles.values() if list(titles.values()).count(t) > 1}
+        titles = {k: f"{t} on {extra[k]}" if t in shared else t for k, t in titles.items()}
     return titles
 
 

@@ -285,9 +285,10 @@ def load_reported(directory: Path | None = None) -> pd.DataFrame:
 
     Files named ``*_main_table.csv`` hold main-table figures (no category column: the mean row); the others
     per-category figures, where category ``mean`` is the paper's mean row. A ``table`` column says which
-    ("main" or "per_category"). Extra columns (``source``, ``aupro_definition``, notes) are allowed and
-    ignored here. A reported protocol without ``-to-`` (training-free, or ``@k-shot``) has no auxiliary set
-    and is never filed under a cross-dataset leg.
+    ("main" or "per_category"). Optional columns ``backbone`` and ``learning_type`` describe the column in the
+    table footnotes; other extra columns (``source``, ``aupro_definition``, notes) are allowed and ignored
+    here. A reported protocol without ``-to-`` (training-free, or ``@k-shot``) has no auxiliary set and is
+    never filed under a cross-dataset leg.
     """
     directory = reported_dir() if directory is None else directory
     frames = []
@@ -314,7 +315,7 @@ def load_reported(directory: Path | None = None) -> pd.DataFrame:
         out = df[list(REPORTED_COLUMNS)].copy()
         out["value"] = values / 100.0
         out["protocol"] = out["protocol"].map(canonical_protocol)
-        out["backbone"] = ""
+        out["backbone"] = df.get("backbone", "")
         out["seed"] = math.nan
         out["target"] = ""
         out["source"] = "reported"

@@ -292,7 +292,7 @@ def _notes(model: Model, key: str, metric: str, cols: Sequence[str], body: list[
     for c in cols:
         info = model.col(key, c)
         if info["source"] == "reported":
-            described.append(f"{c}: {info['setting']}")
+            described.append(f"{c}: {info['setting']}" + (f", backbone {info['backbone']}" if info["backbone"] else ""))
             continue
         seeds = info["seeds"]
         lt = info["learning_type"]
