@@ -141,15 +141,16 @@ def _read_json(path: Path) -> dict:
 def _load_run(data: dict, path: Path) -> tuple[RunResult, list[Mapping[str, Any]]]:
     """The run and its per-image records (shared interface 1: schema v2 ``images``; v1 files have none).
 
+    Read through :meth:`RunResult.load`, so its validation (schema, fractions in [0, 1]) applies here too.
     While :class:`RunResult` reads only v1, a v2 file is read through its v1 fields and its ``images`` list is
     taken from the JSON here; once RunResult knows v2, its own ``images`` are used.
     """
-    if data["schema"] == RESULTS_SCHEMA_V2 and getattr(RunResult, "__dataclass_fields__", {}).get("images") is None:
+    if data["schema"] == RESULTS_SCHEMA_V2 and "images" not in {f.name for f in fields(RunResult)}:
         known = {f.name for f in fields(RunResult)}
         run = RunResult.from_json({**{k: v for k, v in data.items() if k in known}, "schema": RESULTS_SCHEMA}, path)
         images = data.get("images") or []
     else:
-        run = RunResult.from_json(data, path)
+        run = RunResult.load(path)
         images = [r if isinstance(r, Mapping) else vars(r) for r in getattr(run, "images", [])]
     if not isinstance(images, list):
         raise ZsadError(f"{path}: 'images' is not a list of per-image records; re-run or remove it")

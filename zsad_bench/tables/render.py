@@ -149,6 +149,7 @@ class Model:
     hidden_controls: int
     ci: dict[tuple, tuple[float, float]]
     ci_requested: bool = False
+    maskless: frozenset[str] = frozenset()
 
     def col(self, key: str, column: str) -> Mapping[str, Any]:
         sub = self.info[(self.info["table_key"] == key) & (self.info["column"] == column)]
@@ -192,12 +193,15 @@ def build(
         raise ZsadError("only control runs given; pass --controls to show them")
     rows = place(df, columns, controls)
     done = evaluated(rows)
+    measured = rows[rows["source"] == "measured"]
+    with_pixels = set(measured.loc[measured["metric"].isin(PIXEL_METRICS), "table_key"])
+    maskless = frozenset(set(measured["table_key"]) - with_pixels)
     if metrics:
         rows = rows[rows["metric"].isin(list(metrics))]
     if rows.empty:
         raise ZsadError("no results to tabulate (check the files and --metric)")
     titles = dict(zip(rows["table_key"], rows["title"], strict=True))
-    model = Model(rows, cells(rows, done), column_info(rows), done, titles, hidden, {})
+    model = Model(rows, cells(rows, done), column_info(rows), done, titles, hidden, {}, maskless=maskless)
     if ci is not None:
         model.ci = intervals(model, images, ci, n_boot, ci_seed)
         model.ci_requested = True
@@ -315,6 +319,8 @@ def _notes(model: Model, key: str, metric: str, cols: Sequence[str], body: list[
                          "(not averaged into the mean)."))  # fmt: skip
     if PARTIAL_MARK in text or r"\ddagger" in text:
         notes.append(esc(f"{PARTIAL_MARK} mean over the categories with masks only."))
+    if key in model.maskless:
+        notes.append(esc("No pixel metrics: none of these targets has ground-truth masks (image labels only)."))
     if model.ci_requested and metric in bootstrap.CI_METRICS:
         with_ci = [c for c in cols if any(k[0] == key and k[4] == c for k in model.ci)]
         without = [c for c in cols if c not in with_ci]
