@@ -264,3 +264,22 @@ def test_v2_files_load(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(ZsadError, match=rf"{re.escape(str(path))}: per-image record 0 needs label 0/1"):
         load_results([path])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d["records"][0].pop("metrics"),
+        lambda d: d["records"][0].update(metrics={"image_auroc": "high"}),
+        lambda d: d.update(records=[5]),
+        lambda d: d["records"][0].update(metrics=[0.5]),
+    ],
+)
+def test_hand_edited_results_are_one_line_errors(tmp_path: Path, edit) -> None:
+    path = write(tmp_path / "a.json", "SPG", {"bottle": {"image_auroc": 0.9}}, "visa-to-mvtec")
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ZsadError, match=rf"^{re.escape(str(path))}: malformed results file") as info:
+        load_results([path])
+    assert "\n" not in str(info.value)

@@ -145,13 +145,17 @@ def _load_run(data: dict, path: Path) -> tuple[RunResult, list[Mapping[str, Any]
     While :class:`RunResult` reads only v1, a v2 file is read through its v1 fields and its ``images`` list is
     taken from the JSON here; once RunResult knows v2, its own ``images`` are used.
     """
-    if data["schema"] == RESULTS_SCHEMA_V2 and "images" not in {f.name for f in fields(RunResult)}:
-        known = {f.name for f in fields(RunResult)}
-        run = RunResult.from_json({**{k: v for k, v in data.items() if k in known}, "schema": RESULTS_SCHEMA}, path)
-        images = data.get("images") or []
-    else:
-        run = RunResult.load(path)
-        images = [r if isinstance(r, Mapping) else vars(r) for r in getattr(run, "images", [])]
+    try:
+        if data["schema"] == RESULTS_SCHEMA_V2 and "images" not in {f.name for f in fields(RunResult)}:
+            known = {f.name for f in fields(RunResult)}
+            run = RunResult.from_json({**{k: v for k, v in data.items() if k in known}, "schema": RESULTS_SCHEMA}, path)
+            images = data.get("images") or []
+        else:
+            run = RunResult.load(path)
+            images = [r if isinstance(r, Mapping) else vars(r) for r in getattr(run, "images", [])]
+        run.long_rows()  # every record readable
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # hand-edited files: one line, no traceback
+        raise ZsadError(f"{path}: malformed results file ({type(exc).__name__}: {exc}); re-run or remove it") from None
     if not isinstance(images, list):
         raise ZsadError(f"{path}: 'images' is not a list of per-image records; re-run or remove it")
     return run, images
