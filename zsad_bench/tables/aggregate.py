@@ -14,7 +14,7 @@ import pandas as pd
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import PIXEL_METRICS
-from zsad_bench.tables.load import reported_kind
+from zsad_bench.tables.names import reported_kind
 
 REPORTED_SUFFIX = " (reported)"
 INCOMPLETE_MARK = "†"

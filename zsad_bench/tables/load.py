@@ -21,6 +21,7 @@ from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import METRICS
 from zsad_bench.results import SCHEMA as RESULTS_SCHEMA
 from zsad_bench.results import RunResult
+from zsad_bench.tables.names import canonical_protocol, dataset_name, dataset_names, leg_setting, reported_target
 
 BENCH_SCHEMA = "zsad-bench/bench/v1"
 RESULTS_SCHEMA_V2 = "zsad-bench/results/v2"
@@ -34,19 +35,6 @@ IMAGE_COLUMNS = ("file", "protocol", "seed", "category", "path", "defect", "labe
 REPORTED_COLUMNS = ("protocol", "metric", "category", "method", "value")
 MEAN = "mean"  # the mean row's name in the papers' reported CSVs and in our CSV output (never a data category)
 
-# How a person names the datasets (scheme of a dataset spec, or a protocol token).
-DATASET_NAMES = {"mvtec": "MVTec AD", "visa": "VisA", "mtd": "MTD", "mpdd": "MPDD", "ksdd": "KolektorSDD"}
-# Folder names that are just the dataset's own root (so ``mvtec:/data/mvtec_ad`` reads "MVTec AD").
-ROOT_FOLDERS = {
-    "mvtec": {"mvtec_ad", "mvtec", "mvtec_anomaly_detection", "mvtec-ad"},
-    "visa": {"visa", "visa_20220922"},
-}
-
-
-def canonical_protocol(name: str) -> str:
-    """Protocol names compare with ``_`` and ``-`` alike (``visa_to_mvtec`` == ``visa-to-mvtec``)."""
-    return str(name).strip().replace("_", "-")
-
 
 def reported_dir() -> Path:
     """Where the papers' reported figures are kept (CSV, values in percent)."""
@@ -56,52 +44,6 @@ def reported_dir() -> Path:
 def is_control(learning_type: str, method: str) -> bool:
     """Controls (floors such as a random scorer) are marked by learning type ``control`` or a ``control-`` name."""
     return str(learning_type) == "control" or str(method).startswith("control-")
-
-
-# --------------------------------------------------------------------------------------------- naming
-
-
-def dataset_name(token: str) -> str:
-    """Readable name of one dataset spec or protocol token: ``visa`` -> ``VisA``, ``mvtec:/x/bottle`` ->
-    ``MVTec AD (bottle)``, ``folder:/x/magnetic_tile`` -> ``magnetic_tile``, ``synthetic:objects`` -> itself."""
-    scheme, sep, rest = token.partition(":")
-    if not sep:
-        return DATASET_NAMES.get(scheme, scheme)
-    if scheme == "synthetic":
-        return token
-    name = Path(rest).name or rest
-    if scheme in DATASET_NAMES:
-        known = name.lower() in ROOT_FOLDERS.get(scheme, set()) or name.lower() == scheme or not name
-        return DATASET_NAMES[scheme] if known else f"{DATASET_NAMES[scheme]} ({name})"
-    return name
-
-
-def _names(part: str) -> str:
-    return " + ".join(dataset_name(t) for t in part.split("+"))
-
-
-def leg_setting(protocol: str, learning_type: str = "") -> str:
-    """How a person writes a leg: ``visa-to-mvtec`` -> ``VisA -> MVTec AD``; ``mvtec@1-shot`` -> ``1-shot``;
-    a leg without an auxiliary set -> its learning type (``training-free``)."""
-    base, _, shots = canonical_protocol(protocol).partition("@")
-    prefix = ""
-    for named in ("realmini:",):
-        if base.startswith(named):
-            base, prefix = base[len(named) :], f" ({named[:-1]})"
-    if "-to-" in base:
-        aux, _, target = base.partition("-to-")
-        return f"{_names(aux)} -> {_names(target)}{prefix}"
-    if shots:
-        return shots
-    return str(learning_type or "no auxiliary set")
-
-
-def _reported_target(protocol: str) -> tuple[str, str]:
-    """(target kinds, shots) of a reported protocol: ``visa-to-mvtec`` -> (``mvtec``, ``""``)."""
-    base, _, shots = canonical_protocol(protocol).partition("@")
-    target = base.partition("-to-")[2] if "-to-" in base else base
-    kinds = "+".join(sorted(t.partition(":")[0] for t in target.split("+")))
-    return kinds, shots
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -325,9 +267,9 @@ def load_reported(directory: Path | None = None) -> pd.DataFrame:
         out["target"] = ""
         out["source"] = "reported"
         out["file"] = str(path)
-        kinds_shots = [_reported_target(p) for p in out["protocol"]]
+        kinds_shots = [reported_target(p) for p in out["protocol"]]
         out["table_key"] = [f"reported:{k}" + (f"@{s}" if s else "") for k, s in kinds_shots]
-        out["target_name"] = [_names(k) + (f", {s}" if s else "") for k, s in kinds_shots]
+        out["target_name"] = [dataset_names(k) + (f", {s}" if s else "") for k, s in kinds_shots]
         lt = df["learning_type"] if "learning_type" in df else pd.Series("", index=df.index)
         out["setting"] = [leg_setting(p, t) for p, t in zip(out["protocol"], lt, strict=True)]
         out["learning_type"] = lt.to_numpy()
@@ -341,10 +283,3 @@ def load_reported(directory: Path | None = None) -> pd.DataFrame:
             f"{directory}: no reported CSV files; reinstall zsad-bench (its reported figures ship as package data)"
         )
     return pd.concat(frames, ignore_index=True)
-
-
-def reported_kind(table_key: str) -> str:
-    """The ``reported:KINDS[@k-shot]`` key under which reported rows match a measured table key."""
-    targets, _, shots = table_key.rpartition("@") if table_key.endswith("-shot") else (table_key, "", "")
-    kinds = "+".join(sorted(t.partition(":")[0] for t in targets.split("+")))
-    return f"reported:{kinds}" + (f"@{shots}" if shots else "")
