@@ -175,6 +175,8 @@ def test_paired_refuses_different_images_and_v1_files(tmp_path: Path) -> None:
     found = scan([tmp_path])
     with pytest.raises(ZsadError, match="A and B were scored on different images"):
         render(found.evals, "md", paired=True, n_boot=20, images=found.images)
+    with pytest.raises(ZsadError, match="--paired prints a table of its own; use --format md or latex"):
+        render(found.evals, "csv", paired=True, n_boot=20, images=found.images)
     v1 = tmp_path / "v1"
     v1.mkdir()
     data = json.loads((tmp_path / "a.json").read_text())

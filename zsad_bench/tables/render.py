@@ -29,9 +29,8 @@ from zsad_bench.tables.text import (
     escape,
     fmt_cell,
     grid_text,
-    latex_escape,
-    md_escape,
     percent_text,
+    prose,
 )
 
 FORMATS = ("md", "latex", "csv")
@@ -65,7 +64,10 @@ def _cell(
 
 def _notes(model: Model, key: str, metric: str, cols: Sequence[str], body: list[list[str]], fmt: str) -> list[str]:
     """Footnotes: each column's setting and backbone, and every mark that appears in the table."""
-    esc = md_escape if fmt == "md" else latex_escape
+
+    def esc(text: str) -> str:
+        return prose(text, fmt)
+
     notes = []
     described = []
     for c in cols:
@@ -86,7 +88,7 @@ def _notes(model: Model, key: str, metric: str, cols: Sequence[str], body: list[
         notes.append(
             esc(
                 f"{INCOMPLETE_MARK} interrupted run ({', '.join(files)}): only the categories it finished are shown "
-                "and its means cover those only; finish it with `zsad-bench run ... --resume`."
+                "and its means cover those only; finish it with zsad-bench run ... --resume."
             )
         )
     if NO_MASKS in text:
@@ -123,7 +125,7 @@ def _margin_note(
         return None
     margin = 100 * (max(real) - max(floor))
     text = f"Best measured method minus best control on the mean {metric}: {margin:+.1f} points."
-    return md_escape(text) if fmt == "md" else latex_escape(text)
+    return prose(text, fmt)
 
 
 def _per_category_tables(model: Model, fmt: str) -> list[str]:
@@ -146,7 +148,7 @@ def _per_category_tables(model: Model, fmt: str) -> list[str]:
             name = ("Mean over categories" if collide else "Mean") if is_mean else escape(cat, fmt)
             body.append([name, *texts])
         header = ["Category", *(escape(c, fmt) for c in cols)]
-        title = escape(f"{model.titles[key]} - {metric} (%): {METRICS[metric]}", fmt)
+        title = prose(f"{model.titles[key]} - {metric} (%): {METRICS[metric]}", fmt)
         notes = _notes(model, key, metric, cols, body, fmt)
         margin = _margin_note(model, key, metric, cols, look, fmt)
         out.append(grid_text(title, header, body, fmt, [len(body) - 1], notes + ([margin] if margin else [])))
@@ -184,14 +186,14 @@ def _main_table(model: Model, cells_: pd.DataFrame, fmt: str) -> str:
     rules = [methods.index(c) for c in methods if c in control][:1]
     notes = []
     if any(INCOMPLETE_MARK in c for c in methods):
-        notes.append(escape(f"{INCOMPLETE_MARK} interrupted run: means over the categories it finished.", fmt))
+        notes.append(prose(f"{INCOMPLETE_MARK} interrupted run: means over the categories it finished.", fmt))
     if any(NO_MASKS in t for row in body for t in row):
-        notes.append(escape(f"{NO_MASKS}: the targets have no ground-truth masks.", fmt))
+        notes.append(prose(f"{NO_MASKS}: the targets have no ground-truth masks.", fmt))
     if any(PARTIAL_MARK in t or r"\ddagger" in t for row in body for t in row):
-        notes.append(escape(f"{PARTIAL_MARK} mean over the categories with masks only.", fmt))
+        notes.append(prose(f"{PARTIAL_MARK} mean over the categories with masks only.", fmt))
     if control & set(methods):
         notes.append(escape("Rows after the methods are controls (floors, never marked best).", fmt))
-    return grid_text(escape(title, fmt), header, body, fmt, rules, notes)
+    return grid_text(prose(title, fmt), header, body, fmt, rules, notes)
 
 
 def _long_csv(model: Model) -> str:
@@ -239,7 +241,7 @@ def _paired_text(model: Model, results: list, level: float, n_boot: int, seed: i
         f"Paired bootstrap test of mean image AUROC ({n_boot} replicates stratified by category, seed {seed}; "
         "the same images resampled for both runs)"
     )
-    return grid_text(escape(title, fmt), [escape(h, fmt) for h in header], body, fmt, [], [])
+    return grid_text(prose(title, fmt), [escape(h, fmt) for h in header], body, fmt, [], [])
 
 
 def render(
@@ -279,6 +281,8 @@ def render(
         df, metrics=metrics, columns=columns, controls=controls, ci=ci, n_boot=n_boot, ci_seed=ci_seed, images=images
     )
     if fmt == "csv":
+        if paired:
+            raise ZsadError("--paired prints a table of its own; use --format md or latex")
         return _long_csv(model)
     parts = _per_category_tables(model, fmt)
     if main:
@@ -314,7 +318,7 @@ def render_summary(df: pd.DataFrame, fmt: str = "md", metrics: Sequence[str] = S
             ]
             name = ("Mean over categories" if collide else "Mean") if is_mean else escape(cat, fmt)
             body.append([name, *texts])
-        title = escape(f"{column} on {model.titles[key]} (%)", fmt)
+        title = prose(f"{column} on {model.titles[key]} (%)", fmt)
         out.append(grid_text(title, ["Category", *present], body, fmt, [len(body) - 1], []))
     return "\n".join(out)
 
@@ -347,4 +351,4 @@ def render_bench(bench: pd.DataFrame | Sequence[Mapping[str, Any]], fmt: str = "
         "Speed: images per second, latency percentiles (ms), peak memory (MB) and the method's overhead "
         "(total time / backbone time - 1)"
     )
-    return grid_text(escape(title, fmt), [escape(h, fmt) for h in header], body, fmt, [], [])
+    return grid_text(prose(title, fmt), [escape(h, fmt) for h in header], body, fmt, [], [])

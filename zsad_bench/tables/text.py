@@ -14,6 +14,7 @@ PARTIAL_MARK = "‡"
 NO_MASKS = "n/a (no masks)"
 
 _MD_SPECIAL = {"\\": "\\\\", "|": "\\|", "*": "\\*", "`": "\\`", "<": "\\<", "[": "\\[", "]": "\\]"}
+_MD_PROSE = {k: v for k, v in _MD_SPECIAL.items() if k in "\\*`<"}
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}",
     "&": r"\&",
@@ -38,6 +39,14 @@ _LATEX_SPECIAL = {
 def md_escape(text: str) -> str:
     """A Markdown table cell that shows ``text`` as written: pipes, emphasis, code, HTML and link marks escaped."""
     return "".join(_MD_SPECIAL.get(ch, " " if ch in "\r\n" else ch) for ch in str(text))
+
+
+def prose(text: str, fmt: str) -> str:
+    """Titles and footnotes: Markdown escapes only what would turn into emphasis, code or HTML (brackets and
+    pipes are harmless outside a table); LaTeX escapes as for cells."""
+    if fmt != "md":
+        return latex_escape(text)
+    return "".join(_MD_PROSE.get(ch, " " if ch in "\r\n" else ch) for ch in str(text))
 
 
 def latex_escape(text: str) -> str:
