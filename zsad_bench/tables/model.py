@@ -21,7 +21,7 @@ class Model:
 
     rows: pd.DataFrame
     cells: pd.DataFrame
-    info: pd.DataFrame
+    info: dict[tuple[str, str], dict[str, Any]]  # (table, column) -> column_info row
     done: set[tuple[str, str, str]]
     titles: dict[str, str]
     hidden_controls: int
@@ -30,8 +30,7 @@ class Model:
     maskless: frozenset[str] = frozenset()
 
     def col(self, key: str, column: str) -> Mapping[str, Any]:
-        sub = self.info[(self.info["table_key"] == key) & (self.info["column"] == column)]
-        return sub.iloc[0].to_dict()
+        return self.info[(key, column)]
 
     def order(self, key: str, columns: Sequence[str]) -> list[str]:
         """Measured methods alphabetically, then reported ones in the papers' order, then controls."""
@@ -79,7 +78,16 @@ def build(
     if rows.empty:
         raise ZsadError("no results to tabulate (check the files and --metric)")
     titles = dict(zip(rows["table_key"], rows["title"], strict=True))
-    model = Model(rows, cells(rows, done), column_info(rows), done, titles, hidden, {}, maskless=maskless)
+    model = Model(
+        rows,
+        cells(rows, done),
+        {(r["table_key"], r["column"]): r for r in column_info(rows).to_dict("records")},
+        done,
+        titles,
+        hidden,
+        {},
+        maskless=maskless,
+    )
     if ci is not None:
         model.ci = intervals(model, images, ci, n_boot, ci_seed)
         model.ci_requested = True

@@ -158,9 +158,7 @@ def _per_category_tables(model: Model, fmt: str) -> list[str]:
 def _main_table(model: Model, cells_: pd.DataFrame, fmt: str) -> str:
     pairs = sorted({(k, m) for k, m in zip(cells_["table_key"], cells_["metric"], strict=True)},
                    key=lambda km: (model.titles[km[0]], km[1]))  # fmt: skip
-    control = {
-        c for k, c in zip(model.info["table_key"], model.info["column"], strict=True) if model.col(k, c)["control"]
-    }
+    control = {c for (_, c), info in model.info.items() if info["control"]}
     labels = list(dict.fromkeys(cells_["column"]))
     real = [c for c in labels if c not in control]
     methods = [
