@@ -122,7 +122,8 @@ def test_mask_less_category_pixel_metrics_absent(tmp_path: Path) -> None:
     notes = md_block(text, "visa-to-mvtec - pixel_auroc")[1]
     assert "n/a (no masks): the category has no ground-truth masks" in notes and "‡ mean over the categories" in notes
     image = {r[0]: r[1:] for r in md_rows(text, "visa-to-mvtec - image_auroc")[1:]}
-    assert image["Mean"] == ["60.0", "**70.0**"]  # (0.9 + 0.7 + 0.5) / 3
+    assert image["Mean"] == ["60.0§", "**70.0**"]  # (0.9 + 0.7 + 0.5) / 3; Mask-free ran 1 of the 3 categories
+    assert "§ mean over the categories this run evaluated" in md_block(text, "visa-to-mvtec - image_auroc")[1]
     # a target set without any masks: image tables only, and they say why
     only = render(load_results([tmp_path / "b.json"]), "md")
     assert "pixel_auroc" not in only.split("Columns:")[0]

@@ -46,6 +46,11 @@ class Model:
     def n_evaluated(self, key: str, column: str) -> int:
         return sum(1 for t, c, _ in self.done if t == key and c == column)
 
+    def n_rows(self, key: str, metric: str) -> int:
+        """Category rows of the (table, metric) per-category table."""
+        sub = self.cells[(self.cells["table_key"] == key) & (self.cells["metric"] == metric) & ~self.cells["is_mean"]]
+        return sub["category"].nunique()
+
 
 def build(
     df: pd.DataFrame,

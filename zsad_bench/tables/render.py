@@ -24,6 +24,7 @@ from zsad_bench.tables.model import Model, build, paired_tests
 from zsad_bench.tables.text import (
     NO_MASKS,
     PARTIAL_MARK,
+    SUBSET_MARK,
     CellText,
     best_mask,
     escape,
@@ -58,7 +59,14 @@ def _cell(
         and metric in PIXEL_METRICS
         and 0 < r.n_categories < model.n_evaluated(key, column)
     )
-    extra = CellText(model.ci.get((key, metric, cat, is_mean, column)), bool(r.no_masks), partial)
+    subset = bool(
+        is_mean
+        and info["source"] == "measured"
+        and info["complete"]
+        and not r.no_masks
+        and model.n_evaluated(key, column) < model.n_rows(key, metric)
+    )
+    extra = CellText(model.ci.get((key, metric, cat, is_mean, column)), bool(r.no_masks), partial, subset)
     return fmt_cell(r.mean, r.std, r.n, fmt, bold, extra)
 
 
@@ -96,6 +104,10 @@ def _notes(model: Model, key: str, metric: str, cols: Sequence[str], body: list[
                          "(not averaged into the mean)."))  # fmt: skip
     if PARTIAL_MARK in text or r"\ddagger" in text:
         notes.append(esc(f"{PARTIAL_MARK} mean over the categories with masks only."))
+    if SUBSET_MARK in text or r"^\S" in text:
+        notes.append(
+            esc(f"{SUBSET_MARK} mean over the categories this run evaluated, not over every row of the table.")
+        )
     if key in model.maskless:
         notes.append(esc("No pixel metrics: none of these targets has ground-truth masks (image labels only)."))
     if model.ci_requested and metric in bootstrap.CI_METRICS:
@@ -189,6 +201,10 @@ def _main_table(model: Model, cells_: pd.DataFrame, fmt: str) -> str:
         notes.append(prose(f"{NO_MASKS}: the targets have no ground-truth masks.", fmt))
     if any(PARTIAL_MARK in t or r"\ddagger" in t for row in body for t in row):
         notes.append(prose(f"{PARTIAL_MARK} mean over the categories with masks only.", fmt))
+    if any(SUBSET_MARK in t or r"^\S" in t for row in body for t in row):
+        notes.append(
+            prose(f"{SUBSET_MARK} mean over the categories that run evaluated, fewer than its table's rows.", fmt)
+        )
     if control & set(methods):
         notes.append(escape("Rows after the methods are controls (floors, never marked best).", fmt))
     return grid_text(prose(title, fmt), header, body, fmt, rules, notes)

@@ -11,6 +11,7 @@ from tabulate import tabulate
 from zsad_bench.tables.aggregate import INCOMPLETE_MARK
 
 PARTIAL_MARK = "‡"
+SUBSET_MARK = "§"
 NO_MASKS = "n/a (no masks)"
 
 _MD_SPECIAL = {"\\": "\\\\", "|": "\\|", "*": "\\*", "`": "\\`", "<": "\\<", "[": "\\[", "]": "\\]"}
@@ -33,6 +34,7 @@ _LATEX_SPECIAL = {
     "\r": " ",
     INCOMPLETE_MARK: r"$^\dagger$",
     PARTIAL_MARK: r"$^\ddagger$",
+    SUBSET_MARK: r"$^\S$",
 }
 
 
@@ -66,6 +68,7 @@ class CellText:
     ci: tuple[float, float] | None = None
     no_masks: bool = False
     partial: bool = False
+    subset: bool = False
 
 
 def fmt_cell(mean: float, std: float, n: int, fmt: str, bold: bool, extra: CellText | None = None) -> str:
@@ -84,6 +87,8 @@ def fmt_cell(mean: float, std: float, n: int, fmt: str, bold: bool, extra: CellT
         text = f"**{text}**" if fmt == "md" else rf"\textbf{{{text}}}"
     if extra.partial:
         text += PARTIAL_MARK if fmt == "md" else r"$^\ddagger$"
+    if extra.subset:
+        text += SUBSET_MARK if fmt == "md" else r"$^\S$"
     return text
 
 
