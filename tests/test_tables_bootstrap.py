@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -11,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
+from test_tables import run_cli  # the `zsad-bench table` parser, as the CLI builds it
 
-from zsad_bench.cli import table as table_cli
 from zsad_bench.errors import ZsadError
 from zsad_bench.results import CategoryRecord, RunResult
 from zsad_bench.tables import render, scan
@@ -92,13 +91,6 @@ def reference(images: list[dict], metric, seed: int, n_boot: int) -> dict[str, n
         out[c] = np.mean(per_seed, axis=0)
     out[""] = np.mean([out[c] for c in sorted(LAYOUT)], axis=0)
     return out
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    table_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["table", *argv])
-    return args.func(args)
 
 
 @pytest.mark.parametrize("seeds", [(0,), (0, 1)])

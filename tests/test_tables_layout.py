@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_tables import run_cli  # the `zsad-bench table` parser, as the CLI builds it
 
-from zsad_bench.cli import table as table_cli
 from zsad_bench.errors import ZsadError
 from zsad_bench.results import CategoryRecord, RunResult
 from zsad_bench.tables import leg_setting, load_reported, load_results, render, render_summary
@@ -41,13 +40,6 @@ def write(
     )  # fmt: skip
     run.save(path)
     return path
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    table_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["table", *argv])
-    return args.func(args)
 
 
 def md_block(text: str, title_start: str) -> list[str]:

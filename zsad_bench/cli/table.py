@@ -30,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--with-reported",
         action="store_true",
-        help="add the papers' reported figures (results/reported/*.csv) as '(reported)' columns",
+        help="add the papers' reported figures (zsad_bench/reported/*.csv) as '(reported)' columns on the "
+        "measured target sets",
     )
     parser.add_argument("--metric", nargs="+", choices=list(METRICS), metavar="M", help="only these metrics")
     parser.add_argument(
