@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
-from test_tables import run_cli  # the `zsad-bench table` parser, as the CLI builds it
 
+from tests.test_tables import run_cli  # the `zsad-bench table` parser, as the CLI builds it
 from zsad_bench.errors import ZsadError
 from zsad_bench.results import CategoryRecord, RunResult
 from zsad_bench.tables import render, scan

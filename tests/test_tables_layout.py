@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_tables import run_cli  # the `zsad-bench table` parser, as the CLI builds it
 
+from tests.test_tables import run_cli  # the `zsad-bench table` parser, as the CLI builds it
 from zsad_bench.errors import ZsadError
 from zsad_bench.results import CategoryRecord, RunResult
 from zsad_bench.tables import leg_setting, load_reported, load_results, render, render_summary
