@@ -276,3 +276,17 @@ def test_hand_edited_results_are_one_line_errors(tmp_path: Path, edit) -> None:
     with pytest.raises(ZsadError, match=rf"^{re.escape(str(path))}: malformed results file") as info:
         load_results([path])
     assert "\n" not in str(info.value)
+
+
+def test_titles_read_as_written(tmp_path: Path) -> None:
+    cases = [
+        ("visa:visa-to-mvtec:bottle", "mvtec:/x/bottle", "zero-shot", "VisA -> MVTec AD (bottle)"),
+        ("mvtec:data", "mvtec:/data", "training-free", "MVTec AD (data)"),
+        ("synthetic:textures-to-objects", "synthetic:objects", "zero-shot", "synthetic textures -> synthetic objects"),
+        ("mvtec-to-visa", "visa:/v/VisA", "zero-shot", "mvtec-to-visa"),  # the papers' own name
+    ]
+    for i, (leg, target, lt, title) in enumerate(cases):
+        path = write(tmp_path / f"{i}.json", "M", {"c": {"image_auroc": 0.5}}, leg, target=target, learning_type=lt)
+        text = render(load_results([path]), "md")
+        assert text.startswith(f"**{title} - image_auroc (%)"), text.splitlines()[0]
+        assert render_summary(load_results([path])).startswith(f"**M on {title} (%)**")

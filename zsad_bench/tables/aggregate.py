@@ -9,6 +9,7 @@ categories is its own row kind (``is_mean``), never a category that happens to b
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 
@@ -37,15 +38,28 @@ def _file_reported(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([measured, *joined], ignore_index=True)
 
 
+LITERATURE_NAME = re.compile(r"^(mvtec|visa)(-to-(mvtec|visa))?(@\d+-shot)?$")
+
+
 def _titles(df: pd.DataFrame) -> dict[str, str]:
-    """Table title per key: the one protocol its measured columns share (else its reported ones), else the
-    target set as a person names it (``MVTec AD``); a title two target sets would share names its targets."""
+    """Table title per key. When its measured columns (else its reported ones) share one leg: the literature's
+    name for it (``visa-to-mvtec``, ``mvtec@1-shot``, as the papers' CSVs spell it), else the leg as a person
+    writes it (``VisA -> MVTec AD (bottle)``). Otherwise the target set (``MVTec AD``). A title two target sets
+    would share names their targets."""
     titles, names = {}, {}
     for key, sub in df.groupby("table_key", sort=False):
         measured = sub[sub["source"] == "measured"]
-        protocols = set((measured if not measured.empty else sub)["protocol"])
+        ruling = measured if not measured.empty else sub
         names[key] = str(sub["target_name"].iloc[0])
-        titles[key] = protocols.pop() if len(protocols) == 1 else names[key]
+        protocols = set(ruling["protocol"])
+        protocol = protocols.pop() if len(protocols) == 1 else None
+        setting = str(ruling["setting"].iloc[0])
+        if protocol is not None and LITERATURE_NAME.match(protocol):
+            titles[key] = protocol
+        elif protocol is not None and " -> " in setting:
+            titles[key] = setting
+        else:
+            titles[key] = names[key]
     for extra in (names, {k: k for k in titles}):  # the target names, else the dataset specs themselves
         shared = {t for t in titles.values() if list(titles.values()).count(t) > 1}
         titles = {k: f"{t} on {extra[k]}" if t in shared else t for k, t in titles.items()}

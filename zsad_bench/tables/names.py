@@ -20,12 +20,13 @@ def canonical_protocol(name: str) -> str:
 
 def dataset_name(token: str) -> str:
     """Readable name of one dataset spec or protocol token: ``visa`` -> ``VisA``, ``mvtec:/x/bottle`` ->
-    ``MVTec AD (bottle)``, ``folder:/x/magnetic_tile`` -> ``magnetic_tile``, ``synthetic:objects`` -> itself."""
+    ``MVTec AD (bottle)``, ``folder:/x/magnetic_tile`` -> ``magnetic_tile``, ``synthetic:objects`` ->
+    ``synthetic objects``."""
     scheme, sep, rest = token.partition(":")
     if not sep:
         return DATASET_NAMES.get(scheme, scheme)
     if scheme == "synthetic":
-        return token
+        return f"synthetic {rest}"
     name = Path(rest).name or rest
     if scheme in DATASET_NAMES:
         known = name.lower() in ROOT_FOLDERS.get(scheme, set()) or name.lower() == scheme or not name
@@ -46,6 +47,8 @@ def leg_setting(protocol: str, learning_type: str = "") -> str:
         base, prefix = base.removeprefix("realmini:"), " (realmini)"
     if "-to-" in base:
         aux, _, target = base.partition("-to-")
+        if aux.startswith("synthetic:") and ":" not in target:  # the named leg synthetic:textures-to-objects
+            target = f"synthetic:{target}"
         return f"{dataset_names(aux)} -> {dataset_names(target)}{prefix}"
     if shots:
         return shots
