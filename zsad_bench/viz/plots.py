@@ -328,8 +328,8 @@ def ablation_figures(runs: Sequence[Run], metric: str = "image_auroc") -> list[F
             title = f"{method}: {metric} vs {key.split('.')[-1]}"
         else:
             a, b = keys
-            av = sorted({f.get(a) for f in flat}, key=repr)
-            bv = sorted({f.get(b) for f in flat}, key=repr)
+            av = sorted({f.get(a) for f in flat}, key=_order)
+            bv = sorted({f.get(b) for f in flat}, key=_order)
             grid = np.full((len(av), len(bv)), np.nan)
             for r, f in zip(group, flat, strict=True):
                 grid[av.index(f.get(a)), bv.index(f.get(b))] = 100 * vals[r]
@@ -351,6 +351,12 @@ def ablation_figures(runs: Sequence[Run], metric: str = "image_auroc") -> list[F
             FigureOut(name, title, f"Mean over categories of {len(group)} runs differing only in these values.", fig)
         )
     return out
+
+
+def _order(value: object) -> tuple:
+    """Numbers in numeric order, then everything else by its text."""
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    return (0, value, "") if numeric else (1, 0, repr(value))
 
 
 def all_figures(runs: Sequence[Run]) -> list[FigureOut]:
