@@ -24,7 +24,7 @@ TABLE_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1150px;
 color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{border-bottom:2px solid #0072B2;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.5em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #555;padding-bottom:.2em;margin-top:2em}h3{margin-top:1.5em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#eef4fa}td:first-child,th:first-child{text-align:left}tr.mean td{font-weight:600;
 border-top:2px solid #888}b{color:#0b4f8a}figure{margin:1.2em 0;border:1px solid #ddd;padding:.5em;
