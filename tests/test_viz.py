@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.viz import plots
@@ -251,14 +251,14 @@ def test_area_under_plotted_roc_equals_recorded_auroc(tmp_path: Path) -> None:
             if run is None:
                 continue  # the chance diagonal
             x, y = line.get_data()
-            assert np.trapezoid(y, x) == pytest.approx(run.metric(cat, "image_auroc"), abs=1e-12)
+            assert auc(y, x) == pytest.approx(run.metric(cat, "image_auroc"), abs=1e-12)
             checked += 1
     assert checked == 4
     # a hand case: scores 0.1 0.4 | 0.35 0.8 (neg | pos): 3 of 4 pairs ordered -> AUROC 0.75
     x, y = plots.image_curve(
         [{"label": lab, "score": s} for lab, s in ((0, 0.1), (0, 0.4), (1, 0.35), (1, 0.8))], "roc"
     )
-    assert np.trapezoid(y, x) == pytest.approx(0.75)
+    assert auc(y, x) == pytest.approx(0.75)
     colours = {line.get_label(): line.get_color() for ax in fig.figure.axes for line in ax.get_lines()}
     hist = plots.histogram_figures(runs)
     assert [h.name for h in hist] == ["hist_MethodA", "hist_MethodB"]
@@ -292,7 +292,7 @@ def test_pro_curve_matches_direct_per_region_overlap_and_aupro() -> None:
         direct = np.mean([(maps[j][reg] >= t).mean() for j, reg in regions])
         assert (neg >= t).mean() == pytest.approx(t_fpr)
         assert pro[i] == pytest.approx(direct)
-    assert np.trapezoid(pro, fpr) / 0.3 == pytest.approx(aupro(maps, masks, fpr_limit=0.3), abs=2e-3)
+    assert auc(pro, fpr) / 0.3 == pytest.approx(aupro(maps, masks, fpr_limit=0.3), abs=2e-3)
 
 
 def test_bars_mark_reported_values() -> None:
