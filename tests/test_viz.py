@@ -251,14 +251,14 @@ def test_area_under_plotted_roc_equals_recorded_auroc(tmp_path: Path) -> None:
             if run is None:
                 continue  # the chance diagonal
             x, y = line.get_data()
-            assert auc(y, x) == pytest.approx(run.metric(cat, "image_auroc"), abs=1e-12)
+            assert auc(x, y) == pytest.approx(run.metric(cat, "image_auroc"), abs=1e-12)
             checked += 1
     assert checked == 4
     # a hand case: scores 0.1 0.4 | 0.35 0.8 (neg | pos): 3 of 4 pairs ordered -> AUROC 0.75
     x, y = plots.image_curve(
         [{"label": lab, "score": s} for lab, s in ((0, 0.1), (0, 0.4), (1, 0.35), (1, 0.8))], "roc"
     )
-    assert auc(y, x) == pytest.approx(0.75)
+    assert auc(x, y) == pytest.approx(0.75)
     colours = {line.get_label(): line.get_color() for ax in fig.figure.axes for line in ax.get_lines()}
     hist = plots.histogram_figures(runs)
     assert [h.name for h in hist] == ["hist_MethodA", "hist_MethodB"]
@@ -292,7 +292,7 @@ def test_pro_curve_matches_direct_per_region_overlap_and_aupro() -> None:
         direct = np.mean([(maps[j][reg] >= t).mean() for j, reg in regions])
         assert (neg >= t).mean() == pytest.approx(t_fpr)
         assert pro[i] == pytest.approx(direct)
-    assert auc(pro, fpr) / 0.3 == pytest.approx(aupro(maps, masks, fpr_limit=0.3), abs=2e-3)
+    assert auc(fpr, pro) / 0.3 == pytest.approx(aupro(maps, masks, fpr_limit=0.3), abs=2e-3)
 
 
 def test_bars_mark_reported_values() -> None:
@@ -380,3 +380,51 @@ def test_cli_plot_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert _main(["plot", str(bad)]) == 2
     assert "not a zsad-bench results file" in capsys.readouterr().err
     assert not math.isnan(load_runs([path])[0].metric("cat_a", "image_auroc"))
+
+
+# ------------------------------------------------------------------------------------------ re-predicted maps
+
+
+def _folder_dataset(root: Path, category: str, seed: int, n: int = 4) -> str:
+    """A tiny MVTec-layout dataset: bright squares on noise are the defects."""
+    rng = np.random.default_rng(seed)
+    for split, kind in (("train", "good"), ("test", "good"), ("test", "hole")):
+        d = root / category / split / kind
+        d.mkdir(parents=True)
+        for i in range(n):
+            img = (rng.random((48, 48, 3)) * 80).astype(np.uint8)
+            if kind == "hole":
+                mask = np.zeros((48, 48), np.uint8)
+                y, x = rng.integers(4, 28, size=2)
+                mask[y : y + 14, x : x + 14] = 255
+                img[mask > 0] = 255
+                gt = root / category / "ground_truth" / kind
+                gt.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(gt / f"{i:03d}_mask.png")
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return f"folder:{root}"
+
+
+def test_zero_shot_run_without_maps_is_re_predicted_from_its_checkpoint(tmp_path: Path) -> None:
+    from zsad_bench.runner import RunSpec, run_experiment
+
+    aux = _folder_dataset(tmp_path / "aux", "tex", 0)
+    target = _folder_dataset(tmp_path / "tgt", "obj", 1)
+    _, path = run_experiment(
+        RunSpec("toy-zeroshot", protocol=None, aux=[aux], targets=[target], image_size=64, batch_size=4,
+                out=tmp_path / "run.json", progress=False)
+    )  # fmt: skip
+    run = load_runs([path])[0]
+    assert not has_maps(path) and run.images == []  # a v1 file: scores come from the re-prediction
+    out, picked = show_grid([run], "obj", tmp_path / "grid.png", n=3, mode="best")
+    from zsad_bench.viz.show import category_maps
+
+    cm = category_maps(run, "obj")
+    assert cm.origin == "re-predicted from checkpoint" and len(cm.saved.paths) == 8
+    labels = [int(m.any()) for m in cm.saved.masks]
+    assert labels == [0] * 4 + [1] * 4
+    # the re-predicted scores reproduce the run's own recorded image AUROC
+    assert roc_auc_score(labels, [cm.scores[p] for p in cm.saved.paths]) == pytest.approx(
+        run.metric("obj", "image_auroc")
+    )
+    assert out.exists() and len(picked) == 3
