@@ -156,7 +156,9 @@ class SavedMaps:
         index = {p: i for i, p in enumerate(self.paths)}
         missing = [p for p in paths if p not in index]
         if missing:
-            raise ZsadError(f"saved maps of {self.category} lack {missing[0]}; re-run with --save-maps")
+            raise ZsadError(
+                f"the maps of {self.category} lack {missing[0]}; show runs evaluated on the same images together"
+            )
         idx = [index[p] for p in paths]
         return SavedMaps(
             self.leg, self.category, list(paths), self.maps[idx], None if self.masks is None else self.masks[idx]
