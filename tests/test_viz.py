@@ -46,6 +46,8 @@ def write_run(
     shots: int | None = None,
     leg: str = LEG,
     categories: tuple[str, ...] = CATEGORIES,
+    backbone: str = "effnet-lite0",
+    image_size: int = 224,
 ) -> Path:
     """A v2-shaped results file written by hand: images on disk, per-image records, metrics from sklearn,
     and (optionally) saved maps with masks through MapWriter."""
@@ -103,13 +105,17 @@ def write_run(
         "run_id": name,
         "method": method,
         "method_label": label,
-        "backbone": "effnet-lite0",
+        "backbone": backbone,
         "protocol": leg,
         "aux": [],
         "targets": ["toyset"],
         "config": {
             "method": method_config or {},
-            "run": {"shots": shots, "image_size": 224, "legs": [{"name": leg, "aux": [], "targets": ["toyset"]}]},
+            "run": {
+                "shots": shots,
+                "image_size": image_size,
+                "legs": [{"name": leg, "aux": [], "targets": ["toyset"]}],
+            },
         },
         "seeds": [seed],
         "learning_type": learning_type,
@@ -295,13 +301,12 @@ def test_pro_curve_matches_direct_per_region_overlap_and_aupro() -> None:
     assert auc(fpr, pro) / 0.3 == pytest.approx(aupro(maps, masks, fpr_limit=0.3), abs=2e-3)
 
 
-def test_bars_mark_reported_values() -> None:
+def test_bars_mark_reported_values(tmp_path: Path) -> None:
     from zsad_bench.tables import load_reported
 
     rep = load_reported()
     row = rep[(rep.table == "per_category") & (rep.metric == "image_auroc")].iloc[0]
-    tmp = Path(pytest.importorskip("tempfile").mkdtemp())
-    path = write_run(tmp, "r", label=row.method, leg=row.protocol, categories=(row.category,), save_maps=False)
+    path = write_run(tmp_path, "r", label=row.method, leg=row.protocol, categories=(row.category,), save_maps=False)
     fig = plots.bar_figures(load_runs([path]), metrics=("image_auroc",))[0]
     (marks,) = fig.figure.axes[0].collections
     assert marks.get_offsets()[0][1] == pytest.approx(100 * row.value)
@@ -428,3 +433,28 @@ def test_zero_shot_run_without_maps_is_re_predicted_from_its_checkpoint(tmp_path
         run.metric("obj", "image_auroc")
     )
     assert out.exists() and len(picked) == 3
+
+
+def test_several_one_dimensional_sweeps_in_one_folder(tmp_path: Path) -> None:
+    """tau, guide_topk and backbone sweeps around one base config: one plot each; the image size that comes with
+    a backbone is not a separate axis."""
+    base = {"tau": 0.07, "guide_topk": None}
+    variants = [({}, "effnet-lite0", 224), ({"tau": 0.05}, "effnet-lite0", 224), ({"tau": 0.1}, "effnet-lite0", 224)]
+    variants += [({"guide_topk": 32}, "effnet-lite0", 224), ({"guide_topk": 64}, "effnet-lite0", 224)]
+    variants += [({}, "dinov2", 448)]
+    paths = [
+        write_run(tmp_path, f"v{i}", "SPG", seed=i, method="spg", method_config={**base, **cfg}, backbone=bb,
+                  image_size=size, save_maps=False)
+        for i, (cfg, bb, size) in enumerate(variants)
+    ]  # fmt: skip
+    runs = load_runs(paths)
+    figs = {f.name: f for f in plots.ablation_figures(runs)}
+    assert set(figs) == {"ablation_spg_tau", "ablation_spg_guide_topk", "ablation_spg_backbone"}
+    mean = {r.path.stem: 100 * np.mean([r.metric(c, "image_auroc") for c in CATEGORIES]) for r in runs}
+    (line,) = figs["ablation_spg_tau"].figure.axes[0].get_lines()
+    assert list(line.get_xdata()) == [0.05, 0.07, 0.1]
+    assert list(line.get_ydata()) == pytest.approx([mean["v1"], mean["v0"], mean["v2"]])
+    bars = figs["ablation_spg_backbone"].figure.axes[0]
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["dinov2", "effnet-lite0"]
+    assert [p.get_height() for p in bars.patches] == pytest.approx([mean["v5"], mean["v0"]])
+    plots.close(list(figs.values()))

@@ -132,7 +132,12 @@ def curve_figure(runs: Sequence[Run], kind: str) -> FigureOut | None:
     title = "Image ROC curves" if kind == "roc" else "Image precision-recall curves"
     fig.suptitle(title)
     fig.tight_layout()
-    return FigureOut(name, title, "One panel per category, a line per run (from the per-image records).", fig)
+    return FigureOut(
+        name,
+        title,
+        "One panel per category, a line per run (from the per-image records; the first seed of multi-seed runs).",
+        fig,
+    )
 
 
 def pixel_figure(runs: Sequence[Run], kind: str) -> FigureOut | None:
@@ -296,60 +301,95 @@ def fewshot_figure(runs: Sequence[Run], metrics: Sequence[str] = ("image_auroc",
     return FigureOut("fewshot", "Few-shot: metric vs k", "Mean over categories; one line per method.", fig)
 
 
+def _varying(flat: list[dict]) -> list[str]:
+    """Config keys that differ across ``flat``, less those fixed by another one (a backbone's image size)."""
+    keys = sorted(k for k in {k for f in flat for k in f} if len({repr(f.get(k)) for f in flat}) > 1)
+    keys = [k for k in keys if k != "run.shots"]  # k is the few-shot plot's axis
+    kept: list[str] = []
+    for k in sorted(keys, key=lambda k: (not k.endswith("backbone"), k)):
+        if not any(
+            len({(repr(f.get(j)), repr(f.get(k))) for f in flat}) == len({repr(f.get(j)) for f in flat}) for j in kept
+        ):
+            kept.append(k)
+    return sorted(kept)
+
+
+def _one_key(method: str, key: str, group: list[Run], flat: list[dict], vals: dict, metric: str) -> FigureOut:
+    xs = [f.get(key) for f in flat]
+    short = key.split(".")[-1]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    if all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [100 * vals[group[i]] for i in order], marker="o", color=OKABE_ITO[0])
+    else:
+        order = sorted(range(len(xs)), key=lambda i: _order(xs[i]))
+        ax.bar([str(xs[i]) for i in order], [100 * vals[group[i]] for i in order], color=OKABE_ITO[0])
+    ax.set_xlabel(short)
+    ax.set_ylabel(f"{metric} (%)")
+    title = f"{method}: {metric} vs {short}"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    cap = f"Mean over categories of {len(group)} runs differing only in {short}."
+    return FigureOut(f"ablation_{_safe(method)}_{short}", title, cap, fig)
+
+
+def _two_keys(method: str, keys: list[str], group: list[Run], flat: list[dict], vals: dict, metric: str) -> FigureOut:
+    a, b = keys
+    av = sorted({f.get(a) for f in flat}, key=_order)
+    bv = sorted({f.get(b) for f in flat}, key=_order)
+    grid = np.full((len(av), len(bv)), np.nan)
+    for r, f in zip(group, flat, strict=True):
+        grid[av.index(f.get(a)), bv.index(f.get(b))] = 100 * vals[r]
+    fig, ax = plt.subplots(figsize=(1.1 * len(bv) + 2.5, 0.8 * len(av) + 1.8))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i in range(len(av)):
+        for j in range(len(bv)):
+            if math.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(bv)), [str(v) for v in bv])
+    ax.set_yticks(range(len(av)), [str(v) for v in av])
+    sa, sb = a.split(".")[-1], b.split(".")[-1]
+    ax.set_xlabel(sb)
+    ax.set_ylabel(sa)
+    fig.colorbar(im, ax=ax, label=f"{metric} (%)")
+    title = f"{method}: {metric}, {sa} x {sb}"
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    cap = f"Mean over categories of {len(group)} runs differing only in {sa} and {sb}."
+    return FigureOut(f"ablation_{_safe(method)}_{sa}_x_{sb}", title, cap, fig)
+
+
 def ablation_figures(runs: Sequence[Run], metric: str = "image_auroc") -> list[FigureOut]:
-    """For each method with several runs: one varied config value -> line (numeric) or bars (e.g. backbone);
-    two varied values (e.g. SAE width x k) -> heat map of the mean ``metric``. Shots are left to the few-shot plot."""
+    """Ablations among runs of one method on one protocol: one varied config value -> line (numeric) or bars
+    (e.g. backbone); two varied values filling most of their grid (e.g. SAE width x k) -> heat map; otherwise
+    one plot per varied value over the runs that keep the others at their most common value (several 1-D
+    sweeps in one folder). Values are the mean ``metric`` over categories; shots are left to the few-shot plot."""
     out = []
-    by_method: dict[str, list[Run]] = {}
+    by_method: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
-        by_method.setdefault(r.method, []).append(r)
-    for method, group in sorted(by_method.items()):
+        by_method.setdefault((r.method, r.protocol), []).append(r)
+    for (method, _), group in sorted(by_method.items()):
         if len(group) < 2:
             continue
         flat = [flat_config(r) for r in group]
-        keys = sorted(
-            k for k in {k for f in flat for k in f} if k != "run.shots" and len({repr(f.get(k)) for f in flat}) > 1
-        )
-        if not 1 <= len(keys) <= 2:
-            continue
+        keys = _varying(flat)
         vals = {r: run_mean(r, metric) for r in group}
-        name = f"ablation_{_safe(method)}_{'_x_'.join(k.split('.')[-1] for k in keys)}"
         if len(keys) == 1:
-            key = keys[0]
-            xs = [f.get(key) for f in flat]
-            fig, ax = plt.subplots(figsize=(4.5, 3.2))
-            if all(isinstance(x, int | float) and not isinstance(x, bool) for x in xs):
-                order = np.argsort(xs)
-                ax.plot([xs[i] for i in order], [100 * vals[group[i]] for i in order], marker="o", color=OKABE_ITO[0])
-            else:
-                ax.bar([str(x) for x in xs], [100 * vals[r] for r in group], color=OKABE_ITO[0])
-            ax.set_xlabel(key.split(".")[-1])
-            ax.set_ylabel(f"{metric} (%)")
-            title = f"{method}: {metric} vs {key.split('.')[-1]}"
-        else:
-            a, b = keys
-            av = sorted({f.get(a) for f in flat}, key=_order)
-            bv = sorted({f.get(b) for f in flat}, key=_order)
-            grid = np.full((len(av), len(bv)), np.nan)
-            for r, f in zip(group, flat, strict=True):
-                grid[av.index(f.get(a)), bv.index(f.get(b))] = 100 * vals[r]
-            fig, ax = plt.subplots(figsize=(1.1 * len(bv) + 2.5, 0.8 * len(av) + 1.8))
-            im = ax.imshow(grid, cmap="viridis", aspect="auto")
-            for i in range(len(av)):
-                for j in range(len(bv)):
-                    if math.isfinite(grid[i, j]):
-                        ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8, color="white")
-            ax.set_xticks(range(len(bv)), [str(v) for v in bv])
-            ax.set_yticks(range(len(av)), [str(v) for v in av])
-            ax.set_xlabel(b.split(".")[-1])
-            ax.set_ylabel(a.split(".")[-1])
-            fig.colorbar(im, ax=ax, label=f"{metric} (%)")
-            title = f"{method}: {metric}, {a.split('.')[-1]} x {b.split('.')[-1]}"
-        ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        out.append(
-            FigureOut(name, title, f"Mean over categories of {len(group)} runs differing only in these values.", fig)
-        )
+            out.append(_one_key(method, keys[0], group, flat, vals, metric))
+            continue
+        if len(keys) == 2:
+            cells = {(repr(f.get(keys[0])), repr(f.get(keys[1]))) for f in flat}
+            n_a, n_b = (len({repr(f.get(k)) for f in flat}) for k in keys)
+            if len(cells) == len(group) and len(cells) >= 0.75 * n_a * n_b:
+                out.append(_two_keys(method, keys, group, flat, vals, metric))
+                continue
+        for key in keys:
+            others = [k for k in keys if k != key]
+            base = {k: max({repr(f.get(k)) for f in flat}, key=[repr(f.get(k)) for f in flat].count) for k in others}
+            idx = [i for i, f in enumerate(flat) if all(repr(f.get(k)) == base[k] for k in others)]
+            if len({repr(flat[i].get(key)) for i in idx}) >= 2:
+                sub = [group[i] for i in idx]
+                out.append(_one_key(method, key, sub, [flat[i] for i in idx], vals, metric))
     return out
 
 
