@@ -305,11 +305,19 @@ def test_bars_mark_reported_values(tmp_path: Path) -> None:
     from zsad_bench.tables import load_reported
 
     rep = load_reported()
-    row = rep[(rep.table == "per_category") & (rep.metric == "image_auroc")].iloc[0]
-    path = write_run(tmp_path, "r", label=row.method, leg=row.protocol, categories=(row.category,), save_maps=False)
-    fig = plots.bar_figures(load_runs([path]), metrics=("image_auroc",))[0]
-    (marks,) = fig.figure.axes[0].collections
-    assert marks.get_offsets()[0][1] == pytest.approx(100 * row.value)
+    rows = rep[(rep.table == "per_category") & (rep.metric == "image_auroc") & (rep.category == "bottle")]
+    row = rows[rows.method == "AnomalyCLIP"].iloc[0]
+    spg = rows[(rows.method == "SPG (DINOv3)") & (rows.protocol == row.protocol)].iloc[0]
+    kw = dict(leg=row.protocol, categories=("bottle",), save_maps=False)
+    runs = load_runs(
+        [write_run(tmp_path, "r", label="AnomalyCLIP", **kw), write_run(tmp_path, "s", "SPG", backbone="dinov3", **kw)]
+    )
+    fig = plots.bar_figures(runs, metrics=("image_auroc",))[0]
+    marks = sorted(tuple(c.get_offsets()[0]) for c in fig.figure.axes[0].collections)
+    xs = [c.patches[0].get_x() + c.patches[0].get_width() / 2 for c in fig.figure.axes[0].containers]
+    assert np.ravel(marks) == pytest.approx([xs[0], 100 * row.value, xs[1], 100 * spg.value])
+    legend = sorted(t.get_text() for t in fig.figure.axes[0].get_legend().get_texts())
+    assert legend == ["AnomalyCLIP", "SPG", "reported (paper)"]  # the markers' entry once
     plots.close([fig])
 
 

@@ -186,7 +186,9 @@ def _reported_lookup() -> Callable[[str, str, str, Run], float]:
     }
 
     def find(leg: str, metric: str, category: str, run: Run) -> float:
-        for name in (run.data.get("method_label"), run.method):
+        label = run.data.get("method_label") or run.method
+        # the papers name variants by backbone: "SPG (DINOv3)" is SPG on dinov3
+        for name in (label, run.method, f"{label} ({run.data.get('backbone')})"):
             v = table.get((canonical_protocol(leg), metric, category, str(name).lower()))
             if v is not None:
                 return v
@@ -216,6 +218,7 @@ def bar_figures(runs: Sequence[Run], metrics: Sequence[str] = BAR_METRICS) -> li
                 ax.bar(xs, vals, width, color=col[r.label][0], label=r.label)
                 rep = [100 * reported(leg, metric, c, r) for c in cats]
                 if any(math.isfinite(v) for v in rep):
+                    first_marks = not any(c.get_label() == "reported (paper)" for c in ax.collections)
                     any_reported = True
                     ax.scatter(
                         xs,
@@ -225,7 +228,7 @@ def bar_figures(runs: Sequence[Run], metrics: Sequence[str] = BAR_METRICS) -> li
                         color="black",
                         zorder=3,
                         linewidths=2,
-                        label="reported (paper)" if j == 0 else None,
+                        label="reported (paper)" if first_marks else None,
                     )
             ax.set_xticks(np.arange(len(cats)), cats, fontsize=8, rotation=30 if len(cats) > 6 else 0)
             ax.set_ylabel(f"{metric} (%)", fontsize=8)
