@@ -1,0 +1,468 @@
+"""Figures and reports (zsad_bench.viz): contents checked against independent references (sklearn, scipy,
+hand-computed cases), not only that files exist."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+
+from zsad_bench.errors import ZsadError
+from zsad_bench.viz import plots
+from zsad_bench.viz.maps import MapWriter, estimate_bytes, has_maps, maps_dir, read_maps
+from zsad_bench.viz.report import build_report
+from zsad_bench.viz.runs import load_runs
+from zsad_bench.viz.show import CONTOUR_RGB, choose, f1_threshold, overlay, show_grid
+
+SIZE = 24
+CATEGORIES = ("cat_a", "cat_b")
+LEG = "synthetic:toy-leg"
+
+
+def _blob(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random map: blurred noise."""
+    return ndimage.gaussian_filter(rng.random((size, size)), 2.0)
+
+
+def write_run(
+    folder: Path,
+    name: str,
+    label: str = "MethodA",
+    seed: int = 0,
+    n: int = 10,
+    save_maps: bool = True,
+    learning_type: str = "zero-shot",
+    method: str = "toy",
+    method_config: dict | None = None,
+    shots: int | None = None,
+    leg: str = LEG,
+    categories: tuple[str, ...] = CATEGORIES,
+    backbone: str = "effnet-lite0",
+    image_size: int = 224,
+) -> Path:
+    """A v2-shaped results file written by hand: images on disk, per-image records, metrics from sklearn,
+    and (optionally) saved maps with masks through MapWriter."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    writer = MapWriter.open(path, SIZE, n * len(categories), log=None) if save_maps else None
+    images, records = [], []
+    for cat in categories:
+        paths, maps, masks, labels, scores = [], [], [], [], []
+        for i in range(n):
+            label_i = int(i % 2 == 1)
+            img_path = folder / "img" / cat / f"{i:03d}.png"
+            img_path.parent.mkdir(parents=True, exist_ok=True)
+            if not img_path.exists():
+                Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(img_path)
+            m = _blob(rng, SIZE)
+            g = np.zeros((SIZE, SIZE), bool)
+            if label_i:
+                y, x = rng.integers(3, SIZE - 9, size=2)
+                g[y : y + 6, x : x + 5] = True
+                m = m + 0.15 * g * rng.random()
+            paths.append(str(img_path))
+            maps.append(m)
+            masks.append(g)
+            labels.append(label_i)
+            scores.append(float(m.max()))
+        for p, lab, s in zip(paths, labels, scores, strict=True):
+            images.append(
+                dict(
+                    seed=seed,
+                    leg=leg,
+                    target="toyset",
+                    category=cat,
+                    path=p,
+                    defect="hole" if lab else "good",
+                    label=lab,
+                    score=s,
+                )
+            )
+        metrics = {
+            "image_auroc": roc_auc_score(labels, scores),
+            "pixel_auroc": roc_auc_score(np.ravel(masks), np.ravel(maps)),
+        }
+        records.append(
+            dict(seed=seed, target="toyset", category=cat, n_images=n, metrics=metrics, seconds=0.1, protocol=leg)
+        )
+        if writer:
+            writer.add(seed, leg, cat, paths[:4], np.stack(maps[:4]), np.stack(masks[:4]))
+            writer.add(seed, leg, cat, paths[4:], np.stack(maps[4:]), np.stack(masks[4:]))
+            writer.close_category(seed, leg, cat)
+    data = {
+        "schema": "zsad-bench/results/v2",
+        "kind": "eval",
+        "run_id": name,
+        "method": method,
+        "method_label": label,
+        "backbone": backbone,
+        "protocol": leg,
+        "aux": [],
+        "targets": ["toyset"],
+        "config": {
+            "method": method_config or {},
+            "run": {
+                "shots": shots,
+                "image_size": image_size,
+                "legs": [{"name": leg, "aux": [], "targets": ["toyset"]}],
+            },
+        },
+        "seeds": [seed],
+        "learning_type": learning_type,
+        "metric_variants": {},
+        "versions": {"torch": "x"},
+        "git_commit": "abc123def",
+        "device": "cpu:test",
+        "created": "2026-01-01T00:00:00+00:00",
+        "records": records,
+        "images": images,
+        "summary": {},
+        "timings": {"total_s": 1.5},
+        "artifacts": {},
+        "complete": True,
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ saved maps
+
+
+def test_map_writer_round_trip_estimate_and_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    maps = rng.random((5, 32, 32)).astype(np.float32)
+    masks = rng.random((5, 32, 32)) > 0.7
+    lines: list[str] = []
+    w = MapWriter.open(tmp_path / "run.json", 32, n_images=1725, log=lines.append)
+    assert len(lines) == 1 and "1725 anomaly maps at 32x32" in lines[0]
+    assert estimate_bytes(1725, 448) == int(1725 * 448 * 448 * 2 / 1.3)  # the issue's "~0.7 GB raw" case
+    assert "MB" in lines[0] and str(maps_dir(tmp_path / "run.json")) in lines[0]
+    w.add(111, "a:x-to-y", "cap", ["p0", "p1"], maps[:2], masks[:2])
+    w.add(111, "a:x-to-y", "cap", ["p2", "p3", "p4"], maps[2:], masks[2:])
+    assert not has_maps(tmp_path / "run.json"), "nothing is written before the category is complete"
+    f = w.close_category(111, "a:x-to-y", "cap")
+    assert f == tmp_path / "run.maps" / "seed=111" / "a_x-to-y" / "cap.npz"
+    got = read_maps(tmp_path / "run.json", "cap")
+    assert got.paths == ["p0", "p1", "p2", "p3", "p4"] and got.leg == "a:x-to-y"
+    np.testing.assert_array_equal(got.maps, maps.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(got.masks, masks)
+    np.testing.assert_array_equal(got.select(["p3", "p0"]).maps, got.maps[[3, 0]])
+    # resizing to a smaller stored size keeps a constant map constant and a mask's block structure
+    w2 = MapWriter.open(tmp_path / "r2.json", 16, 1, log=None)
+    block = np.zeros((1, 32, 32), bool)
+    block[0, :16] = True
+    w2.add(0, "leg", "c", ["q"], np.full((1, 32, 32), 0.25), block)
+    w2.close_category(0, "leg", "c")
+    small = read_maps(tmp_path / "r2.json", "c")
+    assert small.maps.shape == (1, 16, 16) and np.all(small.maps == 0.25)
+    assert small.masks[0, :8].all() and not small.masks[0, 8:].any()
+    with pytest.raises(ZsadError, match="no saved maps for category 'nope'"):
+        read_maps(tmp_path / "run.json", "nope")
+    with pytest.raises(ZsadError, match="--save-maps 4: map size must be between 16 and 1024"):
+        MapWriter.open(tmp_path / "x.json", 4, 1, log=None)
+
+
+# ------------------------------------------------------------------------------------------ show
+
+
+def test_f1_threshold_matches_sklearn() -> None:
+    rng = np.random.default_rng(3)
+    maps = np.round(rng.random((4, 16, 16)), 2)  # ties on purpose
+    masks = rng.random((4, 16, 16)) > 0.8
+    t, f1 = f1_threshold(maps, masks)
+    p, r, th = precision_recall_curve(masks.ravel(), maps.ravel())
+    f = 2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12)
+    assert f1 == pytest.approx(f.max(), abs=1e-12)
+    assert t == pytest.approx(th[np.argmax(f)])
+    # hand case: scores 0.9 (pos) 0.8 (neg) 0.7 (pos) 0.1 (neg): t=0.9 -> F1 2/3; t=0.7 -> 2*2/(2*2+1+0)=0.8
+    t2, f2 = f1_threshold(np.array([[0.9, 0.8, 0.7, 0.1]]), np.array([[True, False, True, False]]))
+    assert (t2, f2) == (pytest.approx(0.7), pytest.approx(0.8))
+
+
+def test_choose_worst_best_random() -> None:
+    items = [("n_low", 0, 0.1), ("n_high", 0, 0.9), ("a_low", 1, 0.2), ("a_high", 1, 0.95), ("n_mid", 0, 0.5)]
+    assert choose(items, 2, "worst") == ["n_high", "a_low"]
+    assert choose(items, 2, "best") == ["n_low", "a_high"]
+    assert choose(items, 3, "random") == choose(items, 3, "random") and len(set(choose(items, 3, "random"))) == 3
+
+
+def test_overlay_contour_lies_on_f1_threshold_boundary(tmp_path: Path) -> None:
+    path = write_run(tmp_path, "a")
+    run = load_runs([path])[0]
+    saved = read_maps(path, "cat_a")
+    lo, hi = saved.maps.min(), saved.maps.max()
+    scaled = (saved.maps - lo) / (hi - lo)
+    # the F1-optimal threshold, independently: sklearn's precision-recall curve over the category's pixels
+    p, r, th = precision_recall_curve(saved.masks.ravel(), scaled.ravel())
+    t_ref = th[np.argmax(2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12))]
+    for i in range(len(saved.paths)):
+        img = np.asarray(Image.open(saved.paths[i]).convert("RGB"))
+        rgb, _ = overlay(img, scaled[i], f1_threshold(scaled, saved.masks)[0])
+        region = scaled[i] >= t_ref
+        edge = region & ~ndimage.binary_erosion(region, border_value=0)  # 4-connected inner boundary
+        painted = np.all(rgb == CONTOUR_RGB, axis=-1)
+        np.testing.assert_array_equal(painted, edge)
+    out, picked = show_grid([run, run], "cat_a", tmp_path / "grid.png", n=3, mode="worst")
+    worst = choose([(x["path"], x["label"], x["score"]) for x in run.images_of("cat_a")], 3, "worst")
+    assert picked == worst
+    png = np.asarray(Image.open(out).convert("RGB"))
+    assert np.all(png == CONTOUR_RGB, axis=-1).sum() > 20, "the grid shows the contour"
+    assert png.std() > 20
+
+
+def test_show_without_maps_of_a_few_shot_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_run(tmp_path, "fs", save_maps=False, learning_type="few-shot", shots=1)
+    assert _main(["show", str(path), "--category", "cat_a"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "few-shot run without saved maps" in err and "--save-maps" in err
+    assert _main(["show", str(write_run(tmp_path, "b")), "--category", "nope"]) == 2
+    assert "no category 'nope'; it has cat_a, cat_b" in capsys.readouterr().err
+
+
+def _main(argv: list[str]) -> int:
+    """The CLI with the viz commands registered (main.py's COMMAND_MODULES gains them at integration)."""
+    import zsad_bench.cli.main as cli
+
+    mods = ("zsad_bench.cli.show", "zsad_bench.cli.plot", "zsad_bench.cli.report")
+    old = cli.COMMAND_MODULES
+    cli.COMMAND_MODULES = tuple(dict.fromkeys((*old, *mods)))
+    try:
+        return cli.main(argv)
+    finally:
+        cli.COMMAND_MODULES = old
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def test_area_under_plotted_roc_equals_recorded_auroc(tmp_path: Path) -> None:
+    paths = [write_run(tmp_path, "a", "MethodA", seed=0), write_run(tmp_path, "b", "MethodB", seed=1)]
+    runs = load_runs(paths)
+    fig = plots.curve_figure(runs, "roc")
+    checked = 0
+    for ax in fig.figure.axes:
+        cat = ax.get_title()
+        for line in ax.get_lines():
+            run = next((r for r in runs if r.label == line.get_label()), None)
+            if run is None:
+                continue  # the chance diagonal
+            x, y = line.get_data()
+            assert auc(x, y) == pytest.approx(run.metric(cat, "image_auroc"), abs=1e-12)
+            checked += 1
+    assert checked == 4
+    # a hand case: scores 0.1 0.4 | 0.35 0.8 (neg | pos): 3 of 4 pairs ordered -> AUROC 0.75
+    x, y = plots.image_curve(
+        [{"label": lab, "score": s} for lab, s in ((0, 0.1), (0, 0.4), (1, 0.35), (1, 0.8))], "roc"
+    )
+    assert auc(x, y) == pytest.approx(0.75)
+    colours = {line.get_label(): line.get_color() for ax in fig.figure.axes for line in ax.get_lines()}
+    hist = plots.histogram_figures(runs)
+    assert [h.name for h in hist] == ["hist_MethodA", "hist_MethodB"]
+    bars = plots.bar_figures(runs)[0].figure.axes[0]
+    for patch_group, run in zip(bars.containers, sorted(runs, key=lambda r: r.label), strict=True):
+        assert patch_group.patches[0].get_facecolor()[:3] == pytest.approx(
+            tuple(int(colours[run.label][i : i + 2], 16) / 255 for i in (1, 3, 5))
+        ), "one colour per run in every figure"
+        assert [p.get_height() for p in patch_group.patches] == pytest.approx(
+            [100 * run.metric(c, "image_auroc") for c in CATEGORIES]
+        )
+    plots.close([fig, *hist])
+
+
+def test_pro_curve_matches_direct_per_region_overlap_and_aupro() -> None:
+    from zsad_bench.metrics.functional import aupro
+
+    rng = np.random.default_rng(5)
+    maps = np.stack([_blob(rng, 32) for _ in range(4)])
+    masks = np.zeros_like(maps, dtype=bool)
+    masks[0, 4:10, 4:12] = True
+    masks[0, 20:26, 20:30] = True  # two regions in one image
+    masks[2, 10:20, 5:9] = True
+    maps = maps + 0.05 * masks
+    fpr, pro = plots.pro_curve(maps, masks, steps=1000)
+    neg = maps[~masks]
+    for i in (100, 500, 1000):
+        t_fpr = fpr[i]
+        t = np.sort(neg)[::-1][max(round(t_fpr * neg.size) - 1, 0)]  # threshold reaching that FPR
+        regions = [(0, ndimage.label(masks[0])[0] == k) for k in (1, 2)] + [(2, masks[2])]
+        direct = np.mean([(maps[j][reg] >= t).mean() for j, reg in regions])
+        assert (neg >= t).mean() == pytest.approx(t_fpr)
+        assert pro[i] == pytest.approx(direct)
+    assert auc(fpr, pro) / 0.3 == pytest.approx(aupro(maps, masks, fpr_limit=0.3), abs=2e-3)
+
+
+def test_bars_mark_reported_values(tmp_path: Path) -> None:
+    from zsad_bench.tables import load_reported
+
+    rep = load_reported()
+    rows = rep[(rep.table == "per_category") & (rep.metric == "image_auroc") & (rep.category == "bottle")]
+    row = rows[rows.method == "AnomalyCLIP"].iloc[0]
+    spg = rows[(rows.method == "SPG (DINOv3)") & (rows.protocol == row.protocol)].iloc[0]
+    kw = dict(leg=row.protocol, categories=("bottle",), save_maps=False)
+    runs = load_runs(
+        [write_run(tmp_path, "r", label="AnomalyCLIP", **kw), write_run(tmp_path, "s", "SPG", backbone="dinov3", **kw)]
+    )
+    fig = plots.bar_figures(runs, metrics=("image_auroc",))[0]
+    marks = sorted(tuple(c.get_offsets()[0]) for c in fig.figure.axes[0].collections)
+    xs = [c.patches[0].get_x() + c.patches[0].get_width() / 2 for c in fig.figure.axes[0].containers]
+    assert np.ravel(marks) == pytest.approx([xs[0], 100 * row.value, xs[1], 100 * spg.value])
+    legend = sorted(t.get_text() for t in fig.figure.axes[0].get_legend().get_texts())
+    assert legend == ["AnomalyCLIP", "SPG", "reported (paper)"]  # the markers' entry once
+    plots.close([fig])
+
+
+def test_fewshot_and_ablation_plots(tmp_path: Path) -> None:
+    fs = [write_run(tmp_path / "fs", f"k{k}", "FS", seed=k, shots=k, method="fs", save_maps=False) for k in (1, 2, 4)]
+    runs = load_runs(fs)
+    fig = plots.fewshot_figure(runs, metrics=("image_auroc",))
+    (line,) = fig.figure.axes[0].get_lines()
+    xs, ys = line.get_data()
+    assert list(xs) == [1, 2, 4]
+    by_k = {r.config["run"]["shots"]: r for r in runs}
+    expect = [100 * np.mean([by_k[k].metric(c, "image_auroc") for c in CATEGORIES]) for k in (1, 2, 4)]
+    assert list(ys) == pytest.approx(expect)
+    grid = [
+        write_run(
+            tmp_path / "abl",
+            f"w{w}k{k}",
+            "SPG",
+            seed=10 * w + k,
+            method="spg",
+            method_config={"sae_width": w, "sae_k": k, "tau": 0.07},
+            save_maps=False,
+        )
+        for w in (64, 128)
+        for k in (8, 16, 32)
+    ]
+    runs = load_runs(grid)
+    assert len({r.label for r in runs}) == 6 and "sae_k=8" in runs[0].label
+    (heat,) = plots.ablation_figures(runs)
+    assert heat.name == "ablation_spg_sae_k_x_sae_width"
+    arr = heat.figure.axes[0].images[0].get_array()
+    for r in runs:
+        cfg = r.config["method"]
+        i, j = [8, 16, 32].index(cfg["sae_k"]), [64, 128].index(cfg["sae_width"])
+        assert arr[i, j] == pytest.approx(100 * np.mean([r.metric(c, "image_auroc") for c in CATEGORIES]))
+    plots.close([fig, heat])
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def test_report_has_every_category_figure_and_decodable_images(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "a", "MethodA", seed=0)
+    write_run(sweep, "b", "MethodB", seed=1, categories=("cat_a", "cat_c"), save_maps=False)
+    out, names = build_report([sweep], tmp_path / "report.html", overlays=2)
+    doc = out.read_text()
+    for cat in ("cat_a", "cat_b", "cat_c"):
+        assert re.search(rf"<tr><td>{cat}</td>", doc), cat
+    listed = re.findall(r'<li><a href="#fig-([^"]+)">', doc)
+    bodies = re.findall(r'<figure id="fig-([^"]+)"', doc)
+    assert listed == bodies == names and len(names) >= 8
+    assert {"image_roc", "image_pr", "pixel_roc", "pro", "overlay_cat_a", "overlay_cat_b"} <= set(names)
+    uris = re.findall(r'src="data:image/png;base64,([^"]+)"', doc)
+    assert len(uris) == len(names)
+    for uri in uris:
+        img = Image.open(io.BytesIO(base64.b64decode(uri, validate=True)))
+        img.verify()
+        assert img.format == "PNG"
+    assert not re.search(r'(src|href)="(?!data:|#)', doc), "no external resource: the file is self-contained"
+    assert "abc123def" in doc and "cpu:test" in doc and "total_s" in doc
+
+
+def test_cli_plot_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_run(tmp_path, "a", save_maps=False)
+    assert _main(["plot", str(path), "-o", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "image_roc.pdf").read_bytes().startswith(b"%PDF")
+    assert Image.open(tmp_path / "figs" / "image_roc.png").size[0] > 300
+    assert _main(["report", str(path), "-o", str(tmp_path / "r.txt")]) == 2
+    assert "use a .html name" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "other"}')
+    assert _main(["plot", str(bad)]) == 2
+    assert "not a zsad-bench results file" in capsys.readouterr().err
+    assert not math.isnan(load_runs([path])[0].metric("cat_a", "image_auroc"))
+
+
+# ------------------------------------------------------------------------------------------ re-predicted maps
+
+
+def _folder_dataset(root: Path, category: str, seed: int, n: int = 4) -> str:
+    """A tiny MVTec-layout dataset: bright squares on noise are the defects."""
+    rng = np.random.default_rng(seed)
+    for split, kind in (("train", "good"), ("test", "good"), ("test", "hole")):
+        d = root / category / split / kind
+        d.mkdir(parents=True)
+        for i in range(n):
+            img = (rng.random((48, 48, 3)) * 80).astype(np.uint8)
+            if kind == "hole":
+                mask = np.zeros((48, 48), np.uint8)
+                y, x = rng.integers(4, 28, size=2)
+                mask[y : y + 14, x : x + 14] = 255
+                img[mask > 0] = 255
+                gt = root / category / "ground_truth" / kind
+                gt.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(gt / f"{i:03d}_mask.png")
+            Image.fromarray(img).save(d / f"{i:03d}.png")
+    return f"folder:{root}"
+
+
+def test_zero_shot_run_without_maps_is_re_predicted_from_its_checkpoint(tmp_path: Path) -> None:
+    from zsad_bench.runner import RunSpec, run_experiment
+
+    aux = _folder_dataset(tmp_path / "aux", "tex", 0)
+    target = _folder_dataset(tmp_path / "tgt", "obj", 1)
+    _, path = run_experiment(
+        RunSpec("toy-zeroshot", protocol=None, aux=[aux], targets=[target], image_size=64, batch_size=4,
+                out=tmp_path / "run.json", progress=False)
+    )  # fmt: skip
+    run = load_runs([path])[0]
+    assert not has_maps(path) and run.images == []  # a v1 file: scores come from the re-prediction
+    out, picked = show_grid([run], "obj", tmp_path / "grid.png", n=3, mode="best")
+    from zsad_bench.viz.show import category_maps
+
+    cm = category_maps(run, "obj")
+    assert cm.origin == "re-predicted from checkpoint" and len(cm.saved.paths) == 8
+    labels = [int(m.any()) for m in cm.saved.masks]
+    assert labels == [0] * 4 + [1] * 4
+    # the re-predicted scores reproduce the run's own recorded image AUROC
+    assert roc_auc_score(labels, [cm.scores[p] for p in cm.saved.paths]) == pytest.approx(
+        run.metric("obj", "image_auroc")
+    )
+    assert out.exists() and len(picked) == 3
+
+
+def test_several_one_dimensional_sweeps_in_one_folder(tmp_path: Path) -> None:
+    """tau, guide_topk and backbone sweeps around one base config: one plot each; the image size that comes with
+    a backbone is not a separate axis."""
+    base = {"tau": 0.07, "guide_topk": None}
+    variants = [({}, "effnet-lite0", 224), ({"tau": 0.05}, "effnet-lite0", 224), ({"tau": 0.1}, "effnet-lite0", 224)]
+    variants += [({"guide_topk": 32}, "effnet-lite0", 224), ({"guide_topk": 64}, "effnet-lite0", 224)]
+    variants += [({}, "dinov2", 448)]
+    paths = [
+        write_run(tmp_path, f"v{i}", "SPG", seed=i, method="spg", method_config={**base, **cfg}, backbone=bb,
+                  image_size=size, save_maps=False)
+        for i, (cfg, bb, size) in enumerate(variants)
+    ]  # fmt: skip
+    runs = load_runs(paths)
+    figs = {f.name: f for f in plots.ablation_figures(runs)}
+    assert set(figs) == {"ablation_spg_tau", "ablation_spg_guide_topk", "ablation_spg_backbone"}
+    mean = {r.path.stem: 100 * np.mean([r.metric(c, "image_auroc") for c in CATEGORIES]) for r in runs}
+    (line,) = figs["ablation_spg_tau"].figure.axes[0].get_lines()
+    assert list(line.get_xdata()) == [0.05, 0.07, 0.1]
+    assert list(line.get_ydata()) == pytest.approx([mean["v1"], mean["v0"], mean["v2"]])
+    bars = figs["ablation_spg_backbone"].figure.axes[0]
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["dinov2", "effnet-lite0"]
+    assert [p.get_height() for p in bars.patches] == pytest.approx([mean["v5"], mean["v0"]])
+    plots.close(list(figs.values()))
