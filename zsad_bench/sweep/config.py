@@ -43,7 +43,7 @@ def key_line(text: str, section: str, key: str | None = None, occurrence: int = 
     ``section`` "" is the top level. A dotted ``key`` ("set.sae_k") is also found as ``sae_k`` under
     ``[section.set]`` or inside an inline table. Falls back to the section header, then to line 1.
     """
-    current, seen, header_line = "", -1, 0
+    current, seen, header_line = "", (0 if section == "" else -1), 0
     first, _, last = (key or "").partition(".")
     for no, raw in enumerate(text.splitlines(), 1):
         m = _HEADER.match(raw)

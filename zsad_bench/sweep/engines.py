@@ -82,7 +82,7 @@ class LocalEngine:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         ctx = mp.get_context("spawn")
-        queue = ctx.Manager().Queue()
+        queue = ctx.Queue()
         for d in self.devices:
             queue.put(d)
         return ProcessPoolExecutor(len(self.devices), mp_context=ctx, initializer=_take_device, initargs=(queue,))
