@@ -62,13 +62,27 @@ def test_grid_expands_with_exclusions_and_shared_stages(tmp_path: Path) -> None:
     assert {p.label for p in points} == {"spg sae_k=4", "spg sae_k=8", "spg-topk sae_k=4", "spg-topk sae_k=8"}
     plan = make_plan(points)
     # one feature group per dataset (aux cap: 25 images, target weave: 25 test images)
-    assert sorted(len(s.payload["samples"]) for s in plan.fills) == [25, 25]
+    assert sorted(sum(map(len, s.payload["blocks"])) for s in plan.fills) == [25, 25]
     # SAE groups: (k, seed); spg and spg-topk share the SAE family -> 4 groups over 6 points
     assert len(set(plan.leaders.values())) == 4
     first = {}
     for p in points:
         first.setdefault((p.resolved["method_config"]["sae_k"], p.resolved["seeds"][0]), p.id)
     assert set(plan.leaders.values()) == set(first.values())
+
+
+def test_fill_shards_keep_the_runners_batches() -> None:
+    from zsad_bench.sweep.plan import shard_stages
+
+    units = [list(range(25)), list(range(100, 125)), list(range(200, 203))]
+    stages = shard_stages("k", {"batch_size": 8}, units, 3)
+    blocks = [b for s in stages for b in s.payload["blocks"]]
+    # 53 images / 3 shards -> blocks of up to 24 (a multiple of 8), cut only at unit starts + multiples of 24
+    assert sorted(map(tuple, blocks)) == sorted(
+        [tuple(range(24)), (24,), tuple(range(100, 124)), (124,), tuple(range(200, 203))]
+    )
+    assert sorted(sum(map(len, s.payload["blocks"])) for s in stages) == [5, 24, 24]  # least-loaded first
+    assert [s.id for s in stages] == ["fill-k-1of3", "fill-k-2of3", "fill-k-3of3"]
 
 
 def test_point_ids_survive_grid_edits(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def execute(plan, out_dir: Path, args: argparse.Namespace, threads: int | None, 
     from zsad_bench.sweep import build_engine
 
     engine, threads, gpus = build_engine(args, threads, gpus)
-    outcome = run_sweep(out_dir, plan, engine, Options(threads, gpus, batch_size=16), source, sys.stderr)
+    outcome = run_sweep(out_dir, plan, engine, Options(threads, gpus), source, sys.stderr)
     total = len(plan.points)
     print(
         f"{total - len(outcome.failed)}/{total} points complete in {out_dir}; render with: zsad-bench table {out_dir}"

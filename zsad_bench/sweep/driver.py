@@ -26,12 +26,11 @@ SCHEMA = "zsad-bench/sweep/v1"
 
 @dataclass
 class Options:
-    """How to run: threads per point, GPUs per task (Ray), the shared cache dir."""
+    """How to run: threads per point, GPUs per task (Ray), the shared cache dir (default: this one)."""
 
     threads: int
     gpus: float = 0.0
     cache_dir: Path | None = None
-    batch_size: int = 16
 
 
 @dataclass
@@ -95,7 +94,7 @@ def describe(out_dir: Path, plan: Plan) -> str:
         p = s.payload
         lines.append(
             f"  stage {s.id}  {state:<8}  cache fill {p['dataset']} with {p['backbone']}@{p['image_size'] or 'default'}"
-            f" ({len(p['samples'])} images)"
+            f" ({sum(map(len, p['blocks']))} images)"
         )
     groups: dict[str, int] = {}
     for leader in plan.leaders.values():
@@ -193,12 +192,11 @@ def _run(out_dir, plan, engine, opts, source, stream, cache, manifest_path, logs
             "image_size": p["image_size"],
             "layers": p["layers"],
             "shard": p["shard"],
-            "images": len(p["samples"]),
+            "images": sum(map(len, p["blocks"])),
             "status": stages.get(s.id, {}).get("status", "to run"),
         }
         if s.id in todo_fills:
             payload = {**p, **common, "kind": "fill", "id": s.id, "log": str(logs / f"{s.id}.log")}
-            payload["batch_size"] = opts.batch_size
             tasks.append(Task(s.id, payload, [], opts.threads, opts.gpus))
     todo_points = []
     for point in plan.points:

@@ -31,7 +31,7 @@ def add_fill_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("test", "train", "all"), default="all", help="images to cache (default: all)")
     p.add_argument("--categories", help="comma-separated categories (default: all)")
     p.add_argument("--shards", type=int, help="image shards (default: one per worker)")
-    p.add_argument("--batch-size", type=int, default=16, help="extraction batch size (default: 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size (default: 8, as `run` extracts)")
     add_engine_arguments(p)
     p.set_defaults(func=cmd_fill)
 
@@ -52,15 +52,18 @@ def cmd_fill(args: argparse.Namespace) -> int:
             f"{args.dataset}: no categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}; "
             f"available: {', '.join(ds.categories)}"
         )
-    samples = ds.select(cats, None if args.split == "all" else args.split).samples
+    split = None if args.split == "all" else args.split
+    units = [ds.select([c], split).samples for c in ds.categories if not cats or c in cats]
+    samples = [s for u in units for s in u]
     if not samples:
         raise ZsadError(f"{args.dataset}: no {args.split} images to cache")
-    feat = {**feature_spec(args.method, args.backbone, args.image_size, args.weights), "dataset": args.dataset}
+    feat = feature_spec(args.method, args.backbone, args.image_size, args.weights)
+    feat.update(dataset=args.dataset, batch_size=args.batch_size)
     engine, threads, gpus = build_engine(args, None, None)
     shards = args.shards or _workers(engine, threads, gpus)
-    stages = shard_stages(_digest(feat), feat, samples, shards)
+    stages = shard_stages(_digest(feat), feat, units, shards)
     logs = cache_dir() / "logs" / "fill"
-    common = {"kind": "fill", "threads": threads, "cache_dir": str(cache_dir()), "batch_size": args.batch_size}
+    common = {"kind": "fill", "threads": threads, "cache_dir": str(cache_dir())}
     tasks = [
         Task(s.id, {**s.payload, **common, "id": s.id, "log": str(logs / f"{s.id}.log")}, [], threads, gpus)
         for s in stages

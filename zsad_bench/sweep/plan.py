@@ -297,7 +297,12 @@ def points_of(grid: Grid) -> list[Point]:
 
 # ---------------------------------------------------------------------------------------------- stages
 def _point_data(spec: Any) -> list[tuple[str, list[Any]]]:
-    """(dataset spec, samples) a point extracts features for: its auxiliary fit set and target test images."""
+    """(dataset spec, samples) units in the order and grouping the runner extracts them for a point.
+
+    The auxiliary fit set is one unit, each target category's test images another, as in
+    ``Runner.source``; fill shards keep these units batch-aligned, so every image sits in the same
+    extraction batch as in a standalone run and its cached features are bit-identical.
+    """
     from zsad_bench.data import open_dataset
     from zsad_bench.detector import LearningType, get_method_class
     from zsad_bench.protocols import resolve_protocol
@@ -311,8 +316,9 @@ def _point_data(spec: Any) -> list[tuple[str, list[Any]]]:
             out.append(("+".join(leg.aux), aux.samples))
         for target in leg.targets:
             ds = open_dataset(target)
-            keep = [c for c in ds.categories if not spec.categories or c in spec.categories]
-            out.append((target, ds.select(keep, "test").samples))
+            for category in ds.categories:
+                if not spec.categories or category in spec.categories:
+                    out.append((target, ds.select([category], "test").samples))
     return out
 
 
@@ -320,7 +326,7 @@ def make_plan(points: list[Point], fill_shard: int = DEFAULT_FILL_SHARD) -> Plan
     """Shared stages of ``points``: feature-cache shards per (backbone, size, layers, dataset), fit leaders."""
     from zsad_bench.detector import get_method_class
 
-    by_key: dict[str, tuple[dict[str, Any], dict[Path, Any]]] = {}
+    by_key: dict[str, tuple[dict[str, Any], dict[tuple[Path, ...], list[Any]]]] = {}
     deps: dict[str, list[str]] = {}
     leaders: dict[str, str] = {}
     groups: dict[str, str] = {}
@@ -339,9 +345,10 @@ def make_plan(points: list[Point], fill_shard: int = DEFAULT_FILL_SHARD) -> Plan
             feat = {**backbone, "layers": list(cls.feature_layers) if cls.feature_layers else None}
             for dataset, samples in _point_data(spec):
                 key = _digest([feat, dataset])
-                entry = by_key.setdefault(key, ({**feat, "dataset": dataset}, {}))
-                for s in samples:
-                    entry[1].setdefault(s.image_path, s)
+                # the runner's extraction batch size, so a point's features do not depend on who extracted them
+                batch = max(spec.batch_size, 8)
+                entry = by_key.setdefault(key, ({**feat, "dataset": dataset, "batch_size": batch}, {}))
+                entry[1].setdefault(tuple(s.image_path for s in samples), samples)
                 keys.append(key)
         deps[p.id] = sorted(set(keys))
         family = cls.artifacts_family or cls.name
@@ -351,9 +358,9 @@ def make_plan(points: list[Point], fill_shard: int = DEFAULT_FILL_SHARD) -> Plan
             group = _digest([family, backbone, data, r["seeds"], shared])
             leaders[p.id] = groups.setdefault(group, p.id)
     fills, shard_ids = [], {}
-    for key, (feat, samples) in by_key.items():
-        items = list(samples.values())
-        stages = shard_stages(key, feat, items, -(-len(items) // fill_shard))
+    for key, (feat, units) in by_key.items():
+        total = sum(len(u) for u in units.values())
+        stages = shard_stages(key, feat, list(units.values()), -(-total // fill_shard))
         fills += stages
         shard_ids[key] = [st.id for st in stages]
     deps = {pid: [s for k in keys for s in shard_ids[k]] for pid, keys in deps.items()}
@@ -362,12 +369,24 @@ def make_plan(points: list[Point], fill_shard: int = DEFAULT_FILL_SHARD) -> Plan
     return Plan(points, fills, leaders, deps)
 
 
-def shard_stages(key: str, feat: dict[str, Any], samples: list[Any], shards: int) -> list[Stage]:
-    """``shards`` fill stages over ``samples`` (interleaved, so shards of sorted image lists are balanced)."""
-    n = max(1, min(shards, len(samples)))
+def shard_stages(key: str, feat: dict[str, Any], units: list[list[Any]], shards: int) -> list[Stage]:
+    """Up to ``shards`` fill stages over ``units`` (lists of samples extracted together).
+
+    Units are cut into blocks whose sizes are multiples of the extraction batch size (so batches are the
+    same as extracting the whole unit) and blocks go to the least-loaded shard.
+    """
+    batch = int(feat["batch_size"])
+    total = sum(len(u) for u in units)
+    per_shard = -(-total // max(1, shards))
+    size = max(batch, -(-per_shard // batch) * batch)
+    blocks = [u[i : i + size] for u in units for i in range(0, len(u), size)]
+    groups: list[list[list[Any]]] = [[] for _ in range(max(1, min(shards, len(blocks))))]
+    for block in blocks:
+        min(groups, key=lambda g: sum(map(len, g))).append(block)
+    n = len(groups)
     return [
-        Stage(f"fill-{key}-{i + 1}of{n}", "fill", {**feat, "shard": f"{i + 1}/{n}", "samples": samples[i::n]})
-        for i in range(n)
+        Stage(f"fill-{key}-{i + 1}of{n}", "fill", {**feat, "shard": f"{i + 1}/{n}", "blocks": g})
+        for i, g in enumerate(groups)
     ]
 
 

@@ -114,14 +114,17 @@ def fill_shard(payload: dict[str, Any]) -> dict[str, Any]:
             image_size=payload["image_size"],
             **payload["backbone_kwargs"],
         ).to(device)
-        store = extract_features(
-            backbone,
-            payload["samples"],
-            layers=payload["layers"],
-            cache=FeatureCache(),
-            batch_size=int(payload.get("batch_size", 16)),
-            device=device,
-            progress=False,
-        )
-    print(f"cache fill {payload['dataset']} shard {payload['shard']}: {store.misses} computed, {store.hits} cached")
-    return {"computed": store.misses, "cached": store.hits}
+        computed = cached = 0
+        for block in payload["blocks"]:  # each block is batch-aligned with the runner's own extraction
+            store = extract_features(
+                backbone,
+                block,
+                layers=payload["layers"],
+                cache=FeatureCache(),
+                batch_size=int(payload["batch_size"]),
+                device=device,
+                progress=False,
+            )
+            computed, cached = computed + store.misses, cached + store.hits
+    print(f"cache fill {payload['dataset']} shard {payload['shard']}: {computed} computed, {cached} cached")
+    return {"computed": computed, "cached": cached}
