@@ -85,6 +85,16 @@ def test_fill_shards_keep_the_runners_batches() -> None:
     assert [s.id for s in stages] == ["fill-k-1of3", "fill-k-2of3", "fill-k-3of3"]
 
 
+def test_shipped_spg_paper_config_is_the_main_table_and_backbone_ablation() -> None:
+    grid = load_grid(Path(__file__).resolve().parents[1] / "configs" / "spg_paper.toml")
+    points = points_of(grid)
+    assert len(points) == 8 and {p.options["method"] for p in points} == {"spg"}
+    cells = {(p.options["protocol"], p.resolved["backbone"], p.resolved["image_size"]) for p in points}
+    for protocol in ("visa-to-mvtec", "mvtec-to-visa"):
+        for backbone, size in (("dinov3", 448), ("dinov2", 448), ("openclip", 518), ("siglip", 448)):
+            assert (protocol, backbone, size) in cells
+
+
 def test_point_ids_survive_grid_edits(tmp_path: Path) -> None:
     before = {p.label + str(p.resolved["seeds"]): p.id for p in points_of(load_grid(write(tmp_path, GRID)))}
     # a new axis value, a reordered axis, an explicit default and run-only options leave old points alone
