@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from zsad_bench.sweep import add_engine_arguments
+from zsad_bench.sweep.plan import Plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,9 @@ def _sweep(args: argparse.Namespace) -> int:
     return execute(plan, out_dir, args, grid.threads, grid.gpus_per_point, str(args.grid))
 
 
-def execute(plan, out_dir: Path, args: argparse.Namespace, threads: int | None, gpus: float | None, source: str) -> int:
+def execute(
+    plan: Plan, out_dir: Path, args: argparse.Namespace, threads: int | None, gpus: float | None, source: str
+) -> int:
     """Dry-run listing, or run the plan and print the failures; 1 when a point failed."""
     from zsad_bench.sweep.driver import Options, describe, run_sweep
 

@@ -44,6 +44,9 @@ def build_engine(args: argparse.Namespace, threads: int | None, gpus: float | No
         if args.devices:
             raise ZsadError("--devices is for --engine local; Ray assigns GPUs itself (see --gpus-per-point)")
         engine = RayEngine(args.address, args.num_cpus)
+        cpus = engine.ray.cluster_resources().get("CPU", 0.0)
+        if (threads or 1) > cpus:
+            raise ZsadError(f"--threads {threads}: the Ray cluster has {cpus:g} CPUs; a point could never be scheduled")
         if gpus is None:
             gpus = 1.0 if engine.cluster_gpus() else 0.0
         return engine, threads or 1, gpus

@@ -16,8 +16,9 @@ from typing import Any
 
 from zsad_bench.errors import ZsadError
 
-# Options the sweep sets per point itself; a grid may not set them.
-SWEEP_MANAGED = ("out", "resume", "config", "func")
+# Options the sweep sets per point itself (a grid may not set them), and parser entries that are no options.
+SWEEP_MANAGED = ("out", "resume")
+NOT_OPTIONS = ("help", "config", "func")
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 
@@ -75,7 +76,7 @@ def run_actions() -> dict[str, argparse.Action]:
     parser = argparse.ArgumentParser(add_help=False)
     run_cli.add_parser(parser.add_subparsers(dest="command"))
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in sub.choices["run"]._actions if a.dest not in ("help", *SWEEP_MANAGED[2:])}
+    return {a.dest: a for a in sub.choices["run"]._actions if a.dest not in NOT_OPTIONS}
 
 
 def _scalar(value: Any, action: argparse.Action, where: str) -> Any:
@@ -129,18 +130,13 @@ def _set_text(value: Any) -> str:
     return str(value)
 
 
-def check_options(
-    table: dict[str, Any], path: Path, text: str, section: str, occurrence: int = 0, extra: tuple[str, ...] = ()
-) -> dict[str, Any]:
-    """Validate a table of run options; returns ``{dest: argparse value}``. ``extra`` keys pass unchanged."""
+def check_options(table: dict[str, Any], path: Path, text: str, section: str, occurrence: int = 0) -> dict[str, Any]:
+    """Validate a table of run options; returns ``{dest: argparse value}``."""
     actions = run_actions()
     out: dict[str, Any] = {}
     for key, value in table.items():
         dest = key.replace("-", "_")
         where = f"{path}:{key_line(text, section, key, occurrence)}: {key}"
-        if dest in extra:
-            out[dest] = value
-            continue
         if dest in SWEEP_MANAGED:
             raise ZsadError(f"{where}: set by the sweep for each point; remove it")
         if dest not in actions:
@@ -161,7 +157,7 @@ def load_run_config(path: Path) -> dict[str, Any]:
     for key, value in doc.items():
         dest = key.replace("-", "_")
         where = f"{path}:{key_line(text, '', key)}: {key}"
-        if dest not in actions or dest in SWEEP_MANAGED[2:]:
+        if dest not in actions:
             raise ZsadError(f"{where}: unknown option; options: {', '.join(sorted(actions))}")
         out[dest] = convert_option(dest, value, actions[dest], where)
     return out

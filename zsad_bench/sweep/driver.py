@@ -167,7 +167,17 @@ def run_sweep(
         lock.release()
 
 
-def _run(out_dir, plan, engine, opts, source, stream, cache, manifest_path, logs) -> Outcome:
+def _run(
+    out_dir: Path,
+    plan: Plan,
+    engine: Any,
+    opts: Options,
+    source: str,
+    stream: TextIO,
+    cache: Path,
+    manifest_path: Path,
+    logs: Path,
+) -> Outcome:
     manifest = load_manifest(out_dir)
     manifest.update(
         schema=SCHEMA,

@@ -81,7 +81,6 @@ class Stage:
     id: str
     kind: str
     payload: dict[str, Any]
-    points: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -364,8 +363,6 @@ def make_plan(points: list[Point], fill_shard: int = DEFAULT_FILL_SHARD) -> Plan
         fills += stages
         shard_ids[key] = [st.id for st in stages]
     deps = {pid: [s for k in keys for s in shard_ids[k]] for pid, keys in deps.items()}
-    for stage in fills:
-        stage.points = [pid for pid, ds in deps.items() if stage.id in ds]
     return Plan(points, fills, leaders, deps)
 
 
