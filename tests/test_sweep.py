@@ -236,3 +236,64 @@ def test_local_engine_pins_one_device_per_worker_process(tmp_path: Path) -> None
     assert sorted(d for ds in by_pid.values() for d in ds) == devices  # each worker kept one device
     starts = next(i for i, e in enumerate(events) if e == ("start", "t4"))  # t4 waits for its dependencies
     assert all(i < starts for i, e in enumerate(events) if e[0] == "done" and e[1] in ("t0", "t1"))
+
+
+def test_ablate_tau_is_one_shared_fit_and_labels_name_the_points(tmp_path: Path) -> None:
+    from zsad_bench.cli import ablate
+
+    parser = argparse.ArgumentParser()
+    ablate.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["ablate", "tau", "--taus", "0.5", "5", "--backbone", "effnet-lite0", "--image-size", "64"]
+    args = parser.parse_args(
+        [*argv, "--aux", "synthetic:objects", "--target", "synthetic:textures", "--set", "sae_k=4"]
+    )
+    args.method = "spg"
+    points = points_of(ablate.ablation_grid(args))
+    assert [p.results_name for p in points] == [
+        "SPG_max.json",
+        "SPG_mean.json",
+        "SPG_lse_tau=0.5.json",
+        "SPG_lse_tau=5.json",
+    ]
+    assert {p.resolved["method_config"]["sae_k"] for p in points} == {4}  # the user's --set reaches every point
+    plan = make_plan(points)
+    assert set(plan.leaders.values()) == {points[0].id}  # aggregation is inference-only: one SAE for all
+
+
+def test_cache_fill_extracts_once_and_runs_then_hit_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zsad_bench.cli import cache
+    from zsad_bench.features import FeatureStore
+
+    monkeypatch.setenv("ZSAD_BENCH_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    cache.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["cache", "fill", "--backbone", "effnet-lite0", "-m", "spg", "--image-size", "64", "synthetic:objects"]
+    argv += ["--categories", "cap", "--split", "test", "--devices", "cpu", "--threads", "1", "--shards", "2"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    assert "25 images in 2 shard(s), 25 computed, 0 already cached" in capsys.readouterr().out
+    assert args.func(args) == 0
+    assert "25 images in 2 shard(s), 0 computed, 25 already cached" in capsys.readouterr().out
+    # a run over the same images (spg's layers, the same input size) does no backbone forward
+    computed: list[int] = []
+    orig = FeatureStore._compute
+    monkeypatch.setattr(FeatureStore, "_compute", lambda self, idx: (computed.append(len(idx)), orig(self, idx))[1])
+    from zsad_bench.runner import RunSpec, run_experiment
+
+    spec = RunSpec(
+        "spg",
+        backbone="effnet-lite0",
+        image_size=64,
+        protocol=None,
+        aux=["synthetic:objects"],
+        targets=["synthetic:objects"],
+        aux_categories=["cap"],
+        categories=["cap"],
+        method_config={"sae_width": "64", "sae_k": "4", "sae_epochs": "1", "guide_epochs": "1"},
+        out=tmp_path / "run.json",
+        progress=False,
+    )
+    run_experiment(spec)
+    assert sum(computed) == 0
