@@ -6,6 +6,7 @@ No method is trained here (see test_sweep_e2e.py); only the grid's datasets are 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -297,3 +298,30 @@ def test_cache_fill_extracts_once_and_runs_then_hit_the_cache(
     )
     run_experiment(spec)
     assert sum(computed) == 0
+
+
+def test_failed_points_are_listed_with_their_reason_and_the_sweep_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import zsad_bench.sweep as sweep_pkg
+
+    plan = make_plan(points_of(load_grid(write(tmp_path, GRID))))
+    bad = plan.points[2].id
+
+    def fake(payload: dict) -> dict:
+        if payload["id"] == bad:
+            return {"id": bad, "status": "failed", "reason": "tests: this point fails"}
+        return {"id": payload["id"], "status": "done", "computed": 0, "cached": 0}
+
+    monkeypatch.setattr(sweep_pkg, "build_engine", lambda args, threads, gpus: (LocalEngine(["cpu"], fake), 1, 0.0))
+    assert sweep_cli(["sweep", str(tmp_path / "grid.toml"), "-o", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "points 5/6 done, 0 running, 1 failed" in err
+    tail = err.split("[sweep] 1 point(s) failed:\n")[1].splitlines()
+    assert tail == [
+        f"  {bad} {plan.points[2].label}: tests: this point fails (log: {tmp_path / 'out'}/_sweep/logs/{bad}.log)"
+    ]
+    manifest = json.loads((tmp_path / "out" / "_sweep" / "manifest.json").read_text())
+    assert (
+        manifest["points"][bad]["status"] == "failed" and manifest["points"][bad]["reason"] == "tests: this point fails"
+    )
