@@ -38,11 +38,12 @@ def read_toml(path: Path) -> tuple[dict[str, Any], str]:
         raise ZsadError(f"{path}: invalid TOML ({exc}); fix the syntax") from None
 
 
-def key_line(text: str, section: str, key: str | None = None, occurrence: int = 0) -> int:
+def key_line(text: str, section: str, key: str | None = None, occurrence: int = 0, strict: bool = False) -> int:
     """1-based line of ``key`` inside ``[section]`` (the ``occurrence``-th ``[[section]]`` for arrays).
 
     ``section`` "" is the top level. A dotted ``key`` ("set.sae_k") is also found as ``sae_k`` under
-    ``[section.set]`` or inside an inline table. Falls back to the section header, then to line 1.
+    ``[section.set]`` or inside an inline table. Falls back to the section header, then to line 1
+    (``strict``: returns 0 when the key is not there).
     """
     current, seen, header_line = "", (0 if section == "" else -1), 0
     first, _, last = (key or "").partition(".")
@@ -66,7 +67,7 @@ def key_line(text: str, section: str, key: str | None = None, occurrence: int = 
         named = re.match(rf"{re.escape(key)}\s*=", bare) or re.match(rf"{re.escape(first)}\s*[=.]", bare)
         if in_section and named and (not last or re.search(rf"\b{re.escape(last)}\s*=", bare)):
             return no
-    return header_line or 1
+    return 0 if strict else header_line or 1
 
 
 def run_actions() -> dict[str, argparse.Action]:

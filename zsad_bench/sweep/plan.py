@@ -103,6 +103,7 @@ class Grid:
     threads: int | None = None
     gpus_per_point: float | None = None
     fill_shard: int = DEFAULT_FILL_SHARD
+    text: str = ""
 
 
 def _digest(obj: Any, n: int = 12) -> str:
@@ -231,6 +232,7 @@ def load_grid(path: Path) -> Grid:
         settings.get("threads"),
         settings.get("gpus_per_point"),
         settings.get("fill_shard", DEFAULT_FILL_SHARD),
+        text,
     )
 
 
@@ -252,18 +254,26 @@ def spec_from_options(options: dict[str, Any]) -> Any:
     return spec
 
 
-def resolve(variant: Variant, where: str) -> tuple[Any, dict[str, Any]]:
-    """(RunSpec, resolved config) of a variant; errors name ``where`` (the grid file)."""
+def resolve(variant: Variant, where: Any) -> tuple[Any, dict[str, Any]]:
+    """(RunSpec, resolved config) of a variant; ``where(key)`` names the file and line of a key in errors."""
     from zsad_bench.detector import get_method_class, parse_overrides
 
     if not variant.options.get("method"):
-        raise ZsadError(f"{where}: a point has no method; set method in [base] or as a [grid] axis")
+        raise ZsadError(f"{where('method')}: a point has no method; set method in [base] or as a [grid] axis")
     spec = spec_from_options(variant.options)
     try:
         cls = get_method_class(spec.method)
+    except ZsadError as exc:
+        raise ZsadError(f"{where('method')}: {exc}") from None
+    for key, value in spec.method_config.items():  # one option at a time, to name its line
+        try:
+            parse_overrides(cls, {key: value})
+        except ZsadError as exc:
+            raise ZsadError(f"{where('set.' + key)}: {exc}") from None
+    try:
         config = dataclasses.asdict(parse_overrides(cls, spec.method_config))
     except ZsadError as exc:
-        raise ZsadError(f"{where}: {exc}") from None
+        raise ZsadError(f"{where('set')}: {exc}") from None
     image_size = spec.image_size
     if image_size is None and spec.backbone in (None, cls.default_backbone):
         image_size = cls.default_image_size
@@ -279,8 +289,14 @@ def resolve(variant: Variant, where: str) -> tuple[Any, dict[str, Any]]:
 
 def points_of(grid: Grid) -> list[Point]:
     """Resolve every variant; two variants with the same resolved config are one point."""
-    where = str(grid.path) if grid.path else "sweep"
     out: dict[str, Point] = {}
+
+    def where(key: str) -> str:
+        if grid.path is None:
+            return "sweep"
+        line = next((n for s in ("grid", "base") if (n := key_line(grid.text, s, key, strict=True))), 0)
+        return f"{grid.path}:{line}" if line else str(grid.path)
+
     for v in grid.variants:
         spec, resolved = resolve(v, where)
         pid = _digest(resolved)
