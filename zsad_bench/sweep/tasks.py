@@ -77,7 +77,8 @@ def run_point(payload: dict[str, Any]) -> dict[str, Any]:
     spec = spec_from_options(payload["options"])
     spec.out = Path(payload["out"])
     spec.resume = True
-    spec.device = payload["device"]
+    if spec.device == "auto":  # an explicit device option of the grid wins over the engine's assignment
+        spec.device = payload["device"]
     spec.progress = True
     if payload.get("lock"):  # the leader of a shared-fit group: one fit across concurrent sweeps
         from filelock import FileLock
@@ -92,7 +93,7 @@ def run_point(payload: dict[str, Any]) -> dict[str, Any]:
     result = RunResult.load(path)
     result.summary["threads"] = float(payload["threads"])
     result.save(path, overwrite=True)
-    return {"categories": len(result.records)}
+    return {"categories": len(result.records), "device": spec.device}
 
 
 def fill_shard(payload: dict[str, Any]) -> dict[str, Any]:
