@@ -1,4 +1,4 @@
-"""``zsad-bench cache info|clear``: inspect or empty the feature cache."""
+"""``zsad-bench cache info|clear|fill``: inspect, empty or fill the feature cache."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.features import FeatureCache
+from zsad_bench.sweep.fill import add_fill_parser
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("cache", help="inspect or clear the feature cache")
+    parser = subparsers.add_parser("cache", help="inspect, clear or fill the feature cache")
     actions = parser.add_subparsers(dest="cache_action", metavar="ACTION", required=True)
     info = actions.add_parser("info", help="where the cache is, and what it holds")
     clear = actions.add_parser("clear", help="delete every cached feature entry")
@@ -22,6 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         )
     info.set_defaults(func=cmd_info)
     clear.set_defaults(func=cmd_clear)
+    add_fill_parser(actions)
 
 
 def _human(n: int) -> str:
