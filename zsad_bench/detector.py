@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
+import traceback
+import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -95,7 +98,10 @@ class Detector(ABC):
     """Base class of method plugins. Subclasses set the class attributes and implement ``predict``.
 
     ``Config`` is a dataclass of the method's hyper-parameters (defaults = the paper/official code);
-    ``create_method`` validates user overrides against it.
+    ``create_method`` validates user overrides against it. A field's ``metadata`` may declare
+    ``"inference": True`` (only predict() reads it: changing it reuses a fitted checkpoint), numeric
+    bounds ``"ge"``/``"gt"``/``"le"``/``"lt"`` (checked element-wise for tuples), ``"choices": (...)``
+    and ``"help": "..."``; values outside them are refused with one line before any work starts.
     """
 
     name: ClassVar[str]
@@ -108,7 +114,8 @@ class Detector(ABC):
     needs_images: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
-    # Config fields that only affect predict(): changing them reuses a fitted checkpoint.
+    # Transitional: Config fields that only affect predict(). New code marks the field instead,
+    # ``field(default=..., metadata={"inference": True})``; :func:`inference_options` reads both.
     inference_options: ClassVar[tuple[str, ...]] = ()
     # Variants of one method share reusable artifacts (e.g. spg-topk reuses spg's SAEs); default: name.
     artifacts_family: ClassVar[str] = ""
@@ -179,7 +186,11 @@ def get_method_class(name: str) -> type[Detector]:
 
 
 def parse_overrides(cls: type[Detector], overrides: dict[str, Any]) -> Any:
-    """Build ``cls.Config`` from ``{field: value}``; strings (from the CLI) are converted to field types."""
+    """Build ``cls.Config`` from ``{field: value}``; strings (from the CLI) are converted to field types.
+
+    Unknown keys, unreadable values and values outside a field's declared bounds/choices raise a
+    one-line :class:`ZsadError`.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls.Config)}
     hints = typing.get_type_hints(cls.Config)
     kwargs: dict[str, Any] = {}
@@ -188,19 +199,52 @@ def parse_overrides(cls: type[Detector], overrides: dict[str, Any]) -> Any:
             known = ", ".join(fields) or "none"
             raise ZsadError(f"method '{cls.name}' has no option '{key}'; options: {known}")
         kwargs[key] = _convert(value, hints[key], f"{cls.name}.{key}") if isinstance(value, str) else value
+    for key, value in kwargs.items():
+        check_option(cls.name, fields[key], value)
     return cls.Config(**kwargs)
+
+
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b)}
+_BOUNDS["lt"] = ("<", lambda v, b: v < b)
+
+
+def check_option(method: str, f: dataclasses.Field, value: Any) -> None:
+    """Refuse ``value`` outside the bounds/choices in ``f.metadata`` (tuples: every element)."""
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ZsadError(
+            f"option {method}.{f.name}={value!r}: choose one of {', '.join(map(str, choices))}; fix --set {f.name}=..."
+        )
+    items = value if isinstance(value, list | tuple) else [value]
+    for key, (op, ok) in _BOUNDS.items():
+        if key in meta and any(v is not None and not ok(v, meta[key]) for v in items):
+            raise ZsadError(f"option {method}.{f.name}={value!r}: must be {op} {meta[key]}; fix --set {f.name}=...")
+
+
+def inference_options(cls: type[Detector]) -> frozenset[str]:
+    """Config fields that only affect predict(): marked ``metadata={"inference": True}`` (or, during the
+    transition, listed in the ``inference_options`` ClassVar)."""
+    marked = {f.name for f in dataclasses.fields(cls.Config) if f.metadata.get("inference")}
+    return frozenset(marked | set(cls.inference_options))
+
+
+def option_help(cls: type[Detector]) -> dict[str, str]:
+    """``{field: help text}`` of the Config fields that declare one (``zsad-bench list methods -v``)."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls.Config) if "help" in f.metadata}
 
 
 def _convert(value: str, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
             return None
         return _convert(value, args[0], where)
     if origin is tuple or origin is list:
-        items = [v for v in value.split(",") if v]
-        conv = [_convert(v, args[0], where) for v in items]
+        conv = [_convert(v, args[0], where) for v in value.split(",") if v]
+        if origin is tuple and Ellipsis not in args and len(conv) != len(args):
+            raise ZsadError(f"option {where}: expected {len(args)} comma-separated values, got '{value}'")
         return tuple(conv) if origin is tuple else conv
     try:
         if hint is bool:
@@ -209,8 +253,6 @@ def _convert(value: str, hint: Any, where: str) -> Any:
             if value.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
-        if isinstance(hint, type) and issubclass(hint, enum.Enum):
-            return hint(value)
         return hint(value)
     except (TypeError, ValueError):
         raise ZsadError(f"option {where}: cannot read '{value}' as {getattr(hint, '__name__', hint)}") from None
@@ -230,3 +272,50 @@ def check_backbone(cls: type[Detector], backbone_name: str) -> None:
             f"method '{cls.name}' does not run on backbone '{backbone_name}'; "
             f"use --backbone {' or '.join(cls.supported_backbones)}"
         )
+
+
+class PluginError(ZsadError):
+    """A method plugin's own exception, reported as the plugin's: method, its file:line, one line.
+
+    The original exception is the ``__cause__``; ``zsad-bench --debug`` prints its full traceback.
+    """
+
+
+def plugin_call(detector: Detector, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a plugin's ``fn`` (``fit``, ``predict``, ...) turning its own exceptions into :class:`PluginError`.
+
+    A generator result (``predict_source``) is wrapped so exceptions raised while iterating it are
+    reported the same way. ``ZsadError`` (a plugin refusing bad input with its own message) passes as is.
+    """
+    try:
+        out = fn(*args, **kwargs)
+    except ZsadError:
+        raise
+    except Exception as exc:
+        raise _plugin_error(detector, what, exc) from exc
+    if isinstance(out, types.GeneratorType):
+        return _guarded(detector, what, out)
+    return out
+
+
+def _guarded(detector: Detector, what: str, gen: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from gen
+    except ZsadError:
+        raise
+    except Exception as exc:
+        raise _plugin_error(detector, what, exc) from exc
+
+
+def _plugin_error(detector: Detector, what: str, exc: BaseException) -> PluginError:
+    frames = traceback.extract_tb(exc.__traceback__)
+    module = sys.modules.get(type(detector).__module__)
+    source = getattr(module, "__file__", None)
+    own = [fr for fr in frames if source and Path(fr.filename) == Path(source)]
+    where = (own or frames)[-1] if frames else None
+    at = f" at {where.filename}:{where.lineno}" if where else ""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return PluginError(
+        f"method '{detector.name}' failed in {what}(){at}: {type(exc).__name__}: {text}; "
+        "this is the plugin's own error, run with --debug for the traceback"
+    )
