@@ -10,12 +10,10 @@ Plugins register with :func:`register_method`; :func:`create_method` builds one 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import sys
 import traceback
 import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ import torch
 from zsad_bench.backbones.base import Backbone, Features
 from zsad_bench.data.records import Sample
 from zsad_bench.errors import ZsadError
+from zsad_bench.options import check_option, inference_options, option_help, parse_overrides
 from zsad_bench.registry import Registry
 
 
@@ -98,10 +97,8 @@ class Detector(ABC):
     """Base class of method plugins. Subclasses set the class attributes and implement ``predict``.
 
     ``Config`` is a dataclass of the method's hyper-parameters (defaults = the paper/official code);
-    ``create_method`` validates user overrides against it. A field's ``metadata`` may declare
-    ``"inference": True`` (only predict() reads it: changing it reuses a fitted checkpoint), numeric
-    bounds ``"ge"``/``"gt"``/``"le"``/``"lt"`` (checked element-wise for tuples), ``"choices": (...)``
-    and ``"help": "..."``; values outside them are refused with one line before any work starts.
+    ``create_method`` validates user overrides against it, and the fields' metadata (inference-only,
+    bounds, choices, help) as described in :mod:`zsad_bench.options`.
     """
 
     name: ClassVar[str]
@@ -160,6 +157,8 @@ class Detector(ABC):
         return {}
 
 
+__all__ = ["check_option", "inference_options", "option_help", "parse_overrides"]  # re-exported
+
 D = TypeVar("D", bound=type[Detector])
 
 METHODS: Registry[type[Detector]] = Registry("method", "zsad_bench.methods")
@@ -183,79 +182,6 @@ def list_methods(pattern: str = "*", learning_type: LearningType | str | None = 
 
 def get_method_class(name: str) -> type[Detector]:
     return METHODS.get(name)
-
-
-def parse_overrides(cls: type[Detector], overrides: dict[str, Any]) -> Any:
-    """Build ``cls.Config`` from ``{field: value}``; strings (from the CLI) are converted to field types.
-
-    Unknown keys, unreadable values and values outside a field's declared bounds/choices raise a
-    one-line :class:`ZsadError`.
-    """
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    hints = typing.get_type_hints(cls.Config)
-    kwargs: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            raise ZsadError(f"method '{cls.name}' has no option '{key}'; options: {known}")
-        kwargs[key] = _convert(value, hints[key], f"{cls.name}.{key}") if isinstance(value, str) else value
-    for key, value in kwargs.items():
-        check_option(cls.name, fields[key], value)
-    return cls.Config(**kwargs)
-
-
-_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b)}
-_BOUNDS["lt"] = ("<", lambda v, b: v < b)
-
-
-def check_option(method: str, f: dataclasses.Field, value: Any) -> None:
-    """Refuse ``value`` outside the bounds/choices in ``f.metadata`` (tuples: every element)."""
-    meta = f.metadata
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        raise ZsadError(
-            f"option {method}.{f.name}={value!r}: choose one of {', '.join(map(str, choices))}; fix --set {f.name}=..."
-        )
-    items = value if isinstance(value, list | tuple) else [value]
-    for key, (op, ok) in _BOUNDS.items():
-        if key in meta and any(v is not None and not ok(v, meta[key]) for v in items):
-            raise ZsadError(f"option {method}.{f.name}={value!r}: must be {op} {meta[key]}; fix --set {f.name}=...")
-
-
-def inference_options(cls: type[Detector]) -> frozenset[str]:
-    """Config fields that only affect predict(): marked ``metadata={"inference": True}`` (or, during the
-    transition, listed in the ``inference_options`` ClassVar)."""
-    marked = {f.name for f in dataclasses.fields(cls.Config) if f.metadata.get("inference")}
-    return frozenset(marked | set(cls.inference_options))
-
-
-def option_help(cls: type[Detector]) -> dict[str, str]:
-    """``{field: help text}`` of the Config fields that declare one (``zsad-bench list methods -v``)."""
-    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls.Config) if "help" in f.metadata}
-
-
-def _convert(value: str, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType):
-        if value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
-            return None
-        return _convert(value, args[0], where)
-    if origin is tuple or origin is list:
-        conv = [_convert(v, args[0], where) for v in value.split(",") if v]
-        if origin is tuple and Ellipsis not in args and len(conv) != len(args):
-            raise ZsadError(f"option {where}: expected {len(args)} comma-separated values, got '{value}'")
-        return tuple(conv) if origin is tuple else conv
-    try:
-        if hint is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ZsadError(f"option {where}: cannot read '{value}' as {getattr(hint, '__name__', hint)}") from None
 
 
 def create_method(name: str, backbone: Backbone, device: str | torch.device = "cpu", **overrides: Any) -> Detector:
