@@ -33,7 +33,8 @@ def lock_path(path: Path) -> Path:
 
 
 def holder(marker: Path) -> tuple[int, str] | None:
-    """(pid, host) recorded in a filelock marker; None when absent; ZsadError when not a marker."""
+    """(pid, host) recorded in a filelock marker; None when absent or still being written; ZsadError when the
+    file is not a marker (kept in place)."""
     try:
         text = Path(marker).read_text()
     except FileNotFoundError:
@@ -41,7 +42,9 @@ def holder(marker: Path) -> tuple[int, str] | None:
     except (OSError, UnicodeDecodeError) as exc:
         raise ZsadError(f"{marker}: unreadable lock file ({exc}); remove it if no zsad-bench run is active") from None
     lines = text.splitlines()
-    if not text.endswith("\n") or len(lines) not in (2, 3) or not lines[0].isdigit():
+    if not text or (len(lines) == 1 and lines[0].isdigit()):
+        return None  # a holder is still writing its marker (filelock waits for it)
+    if len(lines) not in (2, 3) or not lines[0].isdigit():
         raise ZsadError(
             f"{marker}: exists and is not a zsad-bench lock (content {text[:40]!r}); it was left in place: "
             "remove it yourself if no run is active, or choose another path"

@@ -73,7 +73,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's metadata with ``state`` restored (tensors on CPU); one-line ZsadError when unusable."""
     path = Path(path)
     if path.suffix == ".pt":
-        raise ZsadError(f"{path}: pickled checkpoint of an older zsad-bench; it is not loaded (unsafe), refit instead")
+        raise ZsadError(
+            f"{path}: pickled checkpoint of an older zsad-bench; it is not loaded (unsafe): re-run the same run to "
+            "refit it"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             meta = json.loads((fh.metadata() or {}).get("zsad", "{}"))

@@ -98,7 +98,14 @@ class Plan:
             raise ZsadError(f"{source}: malformed plan ({type(exc).__name__}: {exc}); write it again") from None
 
     def save(self, path: Path) -> Path:
-        atomic_write_text(Path(path), json.dumps(self.to_json(), indent=1) + "\n")
+        """Write the plan as JSON (atomically); a spec with non-JSON values (objects in backbone_kwargs) is refused."""
+        try:
+            text = json.dumps(self.to_json(), indent=1)
+        except TypeError as exc:
+            raise ZsadError(
+                f"{path}: this run's spec holds a value that is not JSON ({exc}); it cannot be sharded"
+            ) from None
+        atomic_write_text(Path(path), text + "\n")
         return Path(path)
 
     @classmethod
