@@ -122,6 +122,10 @@ def test_lock_holders_live_dead_and_remote(tmp_path: Path) -> None:
     with locks.exclusive(target):
         assert marker.read_text().splitlines()[:2] == [str(os.getpid()), host]
     assert not marker.exists()
+    marker.write_text("")  # a holder between creating its marker and writing it: held, not foreign
+    with pytest.raises(ZsadError, match=r"another process is writing this file"), locks.exclusive(target):
+        pass
+    assert marker.read_text() == ""
     marker.write_text("4242\nother-machine\n")  # cannot be probed from here: never broken
     with pytest.raises(ZsadError, match=r"pid 4242 on host other-machine is writing"), locks.exclusive(target):
         pass
