@@ -9,6 +9,8 @@ file behind (fit records wait in memory until then).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from zsad_bench import locks
@@ -62,8 +64,8 @@ class RecordStore:
 
     def add(
         self,
-        records: list[CategoryRecord] = (),  # type: ignore[assignment]
-        images: list[ImageRecord] = (),  # type: ignore[assignment]
+        records: Sequence[CategoryRecord] = (),
+        images: Sequence[ImageRecord] = (),
         timings: dict[str, float] | None = None,
     ) -> RunResult:
         """Merge records into the file (created on the first category record); returns the merged result."""
@@ -71,7 +73,7 @@ class RecordStore:
             if not self.exists():
                 if not records:
                     return self.plan.header
-                result = RunResult(**{**vars(self.plan.header), "records": [], "images": [], "fits": []})
+                result = RunResult.from_json(self.plan.header.to_json())  # a copy: the plan stays as it is
             else:
                 result = self.load()
             have = {(r.seed, r.protocol, r.target, r.category) for r in result.records}
@@ -105,6 +107,4 @@ def check_new_out(path: Path) -> None:
 
 
 def _canonical(value: object) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True, default=str)
