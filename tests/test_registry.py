@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -18,7 +18,9 @@ from zsad_bench.detector import (
     Prediction,
     create_method,
     get_method_class,
+    inference_options,
     list_methods,
+    option_help,
     parse_overrides,
     register_method,
 )
@@ -105,3 +107,51 @@ def test_cli_lists_entry_point_plugin_in_a_fresh_process() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "toy-zeroshot" in out.stdout and "zero-shot" in out.stdout
+
+
+@register_method
+class _Bounded(Detector):
+    name = "test-bounded"
+    learning_type = LearningType.TRAINING_FREE
+    inference_options = ("legacy",)
+
+    @dataclass
+    class Config:
+        lr: float = field(default=0.1, metadata={"gt": 0.0})
+        betas: tuple[float, float] = field(default=(0.5, 0.9), metadata={"ge": 0.0, "lt": 1.0})
+        mode: str = field(default="max", metadata={"choices": ("max", "mean"), "inference": True, "help": "how"})
+        legacy: int = 0
+        sizes: tuple[int, ...] = (1, 2)
+
+    def predict(self, batch: Batch) -> Prediction:
+        raise AssertionError
+
+
+def test_option_metadata_bounds_choices_and_tuple_length() -> None:
+    cfg = parse_overrides(_Bounded, {"lr": "0.5", "betas": "0.1,0.2", "mode": "mean", "sizes": "3,4,5"})
+    assert (cfg.lr, cfg.betas, cfg.mode, cfg.sizes) == (0.5, (0.1, 0.2), "mean", (3, 4, 5))
+    with pytest.raises(ZsadError, match=r"option test-bounded.lr=-1.0: must be > 0.0; fix --set lr=..."):
+        parse_overrides(_Bounded, {"lr": "-1"})
+    with pytest.raises(ZsadError, match=r"option test-bounded.betas=\(0.5, 1.0\): must be < 1.0"):
+        parse_overrides(_Bounded, {"betas": "0.5,1.0"})
+    with pytest.raises(ZsadError, match=r"option test-bounded.betas: expected 2 comma-separated values, got '0.9'"):
+        parse_overrides(_Bounded, {"betas": "0.9"})
+    with pytest.raises(ZsadError, match=r"option test-bounded.mode='lse': choose one of max, mean"):
+        parse_overrides(_Bounded, {"mode": "lse"})
+    assert inference_options(_Bounded) == {"mode", "legacy"}
+    assert option_help(_Bounded) == {"mode": "how"}
+
+
+def test_spg_atoms_command_comes_from_an_entry_point() -> None:
+    from importlib.metadata import entry_points
+
+    from zsad_bench.cli.main import COMMAND_MODULES, build_parser
+
+    eps = {ep.name: ep.value for ep in entry_points(group="zsad_bench.commands")}
+    assert eps["atoms"] == "zsad_bench.methods.spg_commands"
+    assert not any("atoms" in m for m in COMMAND_MODULES)
+    parser = build_parser()
+    args = parser.parse_args(["atoms", "run.json"])
+    assert args.func.__module__ == "zsad_bench.methods.spg_commands"
+    run = parser.parse_args(["run", "-m", "spg", "--aggregation", "lse", "--tau", "0.5", "--set", "sigma=2"])
+    assert run.set == ["aggregation=lse", "agg_tau=0.5", "sigma=2"]

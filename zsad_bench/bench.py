@@ -24,7 +24,8 @@ import torch
 from zsad_bench.data.io import load_image
 from zsad_bench.detector import Batch, LearningType
 from zsad_bench.errors import ZsadError
-from zsad_bench.runner import Runner, RunSpec, device_description, git_commit, open_datasets, package_versions, rebuild
+from zsad_bench.provenance import device_description, git_commit, package_versions
+from zsad_bench.runner import RunSpec, Session, load_fitted, open_datasets
 
 SCHEMA = "zsad-bench/bench/v1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,8 +90,10 @@ def _row(spec: BenchSpec, device: torch.device, dtype: str, bs: int, component: 
     }
 
 
-def fitted_runner(spec: BenchSpec) -> Runner:
-    """A Runner whose detector is fitted: from ``spec.run``'s checkpoint, or quickly on synthetic data."""
+def fitted_runner(spec: BenchSpec) -> Session:
+    """A Session whose detector is fitted: from ``spec.run``'s checkpoint, or quickly on synthetic data."""
+    if spec.run is not None:
+        return load_fitted(spec.run, backbone_kwargs=spec.backbone_kwargs, device=spec.device)[0]
     run_spec = RunSpec(
         method=spec.method,
         backbone=spec.backbone,
@@ -102,10 +105,7 @@ def fitted_runner(spec: BenchSpec) -> Runner:
         device=spec.device,
         progress=spec.progress,
     )
-    runner = Runner(run_spec)
-    if spec.run is not None:
-        runner.detector, _ = rebuild(spec.run, backbone_kwargs=spec.backbone_kwargs, device=spec.device)
-        return runner
+    runner = Session(run_spec)
     lt = runner.cls.learning_type
     if lt is LearningType.ZERO_SHOT:
         aux = open_datasets(("synthetic:textures",), None, "test", "auxiliary").samples

@@ -10,9 +10,10 @@ Plugins register with :func:`register_method`; :func:`create_method` builds one 
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import typing
+import sys
+import traceback
+import types
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import torch
 from zsad_bench.backbones.base import Backbone, Features
 from zsad_bench.data.records import Sample
 from zsad_bench.errors import ZsadError
+from zsad_bench.options import check_option, inference_options, option_help, parse_overrides
 from zsad_bench.registry import Registry
 
 
@@ -95,7 +97,8 @@ class Detector(ABC):
     """Base class of method plugins. Subclasses set the class attributes and implement ``predict``.
 
     ``Config`` is a dataclass of the method's hyper-parameters (defaults = the paper/official code);
-    ``create_method`` validates user overrides against it.
+    ``create_method`` validates user overrides against it, and the fields' metadata (inference-only,
+    bounds, choices, help) as described in :mod:`zsad_bench.options`.
     """
 
     name: ClassVar[str]
@@ -108,7 +111,8 @@ class Detector(ABC):
     needs_images: ClassVar[bool] = False
     needs_text: ClassVar[bool] = False
     feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
-    # Config fields that only affect predict(): changing them reuses a fitted checkpoint.
+    # Transitional: Config fields that only affect predict(). New code marks the field instead,
+    # ``field(default=..., metadata={"inference": True})``; :func:`inference_options` reads both.
     inference_options: ClassVar[tuple[str, ...]] = ()
     # Variants of one method share reusable artifacts (e.g. spg-topk reuses spg's SAEs); default: name.
     artifacts_family: ClassVar[str] = ""
@@ -153,6 +157,8 @@ class Detector(ABC):
         return {}
 
 
+__all__ = ["check_option", "inference_options", "option_help", "parse_overrides"]  # re-exported
+
 D = TypeVar("D", bound=type[Detector])
 
 METHODS: Registry[type[Detector]] = Registry("method", "zsad_bench.methods")
@@ -178,44 +184,6 @@ def get_method_class(name: str) -> type[Detector]:
     return METHODS.get(name)
 
 
-def parse_overrides(cls: type[Detector], overrides: dict[str, Any]) -> Any:
-    """Build ``cls.Config`` from ``{field: value}``; strings (from the CLI) are converted to field types."""
-    fields = {f.name: f for f in dataclasses.fields(cls.Config)}
-    hints = typing.get_type_hints(cls.Config)
-    kwargs: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            raise ZsadError(f"method '{cls.name}' has no option '{key}'; options: {known}")
-        kwargs[key] = _convert(value, hints[key], f"{cls.name}.{key}") if isinstance(value, str) else value
-    return cls.Config(**kwargs)
-
-
-def _convert(value: str, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value.lower() in ("none", "null") and type(None) in typing.get_args(hint):
-            return None
-        return _convert(value, args[0], where)
-    if origin is tuple or origin is list:
-        items = [v for v in value.split(",") if v]
-        conv = [_convert(v, args[0], where) for v in items]
-        return tuple(conv) if origin is tuple else conv
-    try:
-        if hint is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if isinstance(hint, type) and issubclass(hint, enum.Enum):
-            return hint(value)
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ZsadError(f"option {where}: cannot read '{value}' as {getattr(hint, '__name__', hint)}") from None
-
-
 def create_method(name: str, backbone: Backbone, device: str | torch.device = "cpu", **overrides: Any) -> Detector:
     """Build method ``name`` on ``backbone`` with config overrides (unknown keys are an error)."""
     cls = get_method_class(name)
@@ -230,3 +198,50 @@ def check_backbone(cls: type[Detector], backbone_name: str) -> None:
             f"method '{cls.name}' does not run on backbone '{backbone_name}'; "
             f"use --backbone {' or '.join(cls.supported_backbones)}"
         )
+
+
+class PluginError(ZsadError):
+    """A method plugin's own exception, reported as the plugin's: method, its file:line, one line.
+
+    The original exception is the ``__cause__``; ``zsad-bench --debug`` prints its full traceback.
+    """
+
+
+def plugin_call(detector: Detector, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call a plugin's ``fn`` (``fit``, ``predict``, ...) turning its own exceptions into :class:`PluginError`.
+
+    A generator result (``predict_source``) is wrapped so exceptions raised while iterating it are
+    reported the same way. ``ZsadError`` (a plugin refusing bad input with its own message) passes as is.
+    """
+    try:
+        out = fn(*args, **kwargs)
+    except ZsadError:
+        raise
+    except Exception as exc:
+        raise _plugin_error(detector, what, exc) from exc
+    if isinstance(out, types.GeneratorType):
+        return _guarded(detector, what, out)
+    return out
+
+
+def _guarded(detector: Detector, what: str, gen: Iterator[Any]) -> Iterator[Any]:
+    try:
+        yield from gen
+    except ZsadError:
+        raise
+    except Exception as exc:
+        raise _plugin_error(detector, what, exc) from exc
+
+
+def _plugin_error(detector: Detector, what: str, exc: BaseException) -> PluginError:
+    frames = traceback.extract_tb(exc.__traceback__)
+    module = sys.modules.get(type(detector).__module__)
+    source = getattr(module, "__file__", None)
+    own = [fr for fr in frames if source and Path(fr.filename) == Path(source)]
+    where = (own or frames)[-1] if frames else None
+    at = f" at {where.filename}:{where.lineno}" if where else ""
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return PluginError(
+        f"method '{detector.name}' failed in {what}(){at}: {type(exc).__name__}: {text}; "
+        "this is the plugin's own error, run with --debug for the traceback"
+    )

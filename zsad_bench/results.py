@@ -1,6 +1,6 @@
 """The results store: one self-describing JSON file per run (plus a long-form CSV beside it).
 
-Schema ``zsad-bench/results/v1``::
+Schema ``zsad-bench/results/v2``::
 
     {"schema": ..., "kind": "eval", "run_id", "method", "method_label", "backbone", "protocol",
      "aux": [dataset specs], "targets": [dataset specs], "config": {...}, "seeds": [...],
@@ -8,10 +8,15 @@ Schema ``zsad-bench/results/v1``::
      "metric_variants": {metric: description},
      "records": [{"seed", "protocol" (leg), "target", "category", "n_images", "metrics": {name: fraction},
                   "seconds"}],
-     "summary": {name: number}, "timings": {name: seconds},
-     "artifacts": {name: path of a fitted checkpoint ...}, "complete": bool}
+     "images": [{"seed", "leg", "target", "category", "path", "defect", "label", "score"}],
+     "fits": [{"seed", "leg", "checkpoint", "seconds", "summary": {name: number}}],
+     "timings": {name: seconds}, "complete": bool}
 
-Metric values are fractions in [0, 1] (tables show percentages); NaN is stored as null.
+``v1`` files (no ``images``/``fits``; fitted checkpoints and summaries under string keys such as
+``checkpoint|{leg}|seed={seed}``) still load: their keys become :class:`FitRecord` objects.
+Metric values are fractions in [0, 1] (tables show percentages); NaN is stored as null. Every load
+validates the document (:func:`validate`), so a hand-edited file fails with one line naming the
+offending entry instead of rendering a wrong number.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 
 from zsad_bench.errors import ZsadError
 
-SCHEMA = "zsad-bench/results/v1"
+SCHEMA = "zsad-bench/results/v2"
+SCHEMA_V1 = "zsad-bench/results/v1"
+READABLE_SCHEMAS = (SCHEMA_V1, SCHEMA)
 LONG_COLUMNS = ("protocol", "metric", "category", "method", "backbone", "seed", "target", "value")
 
 
@@ -42,6 +49,31 @@ class CategoryRecord:
     metrics: dict[str, float]
     seconds: float = 0.0
     protocol: str = ""
+
+
+@dataclass
+class ImageRecord:
+    """The image score of one evaluated image (with its label and defect type)."""
+
+    seed: int
+    leg: str
+    target: str
+    category: str
+    path: str
+    defect: str
+    label: int
+    score: float
+
+
+@dataclass
+class FitRecord:
+    """A fitted detector of one seed and leg: its checkpoint, fit time and the method's summary numbers."""
+
+    seed: int
+    leg: str
+    checkpoint: str
+    seconds: float = 0.0
+    summary: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,29 +94,46 @@ class RunResult:
     device: str = "cpu"
     created: str = ""
     records: list[CategoryRecord] = field(default_factory=list)
-    summary: dict[str, float] = field(default_factory=dict)
+    images: list[ImageRecord] = field(default_factory=list)
+    fits: list[FitRecord] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)
     complete: bool = False
     kind: str = "eval"
     schema: str = SCHEMA
+
+    @property
+    def artifacts(self) -> dict[str, str]:
+        """v1 view of the fitted checkpoints: ``checkpoint|{leg}|seed={seed}`` -> path."""
+        return {f"checkpoint|{f.leg}|seed={f.seed}": f.checkpoint for f in self.fits}
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """v1 view of the fit summaries: ``{name}|{leg}|seed={seed}`` -> value."""
+        return {f"{k}|{f.leg}|seed={f.seed}": v for f in self.fits for k, v in f.summary.items()}
+
+    def fit_for(self, leg: str, seed: int) -> FitRecord | None:
+        """The fit record of ``leg`` and ``seed`` (None for methods that fit nothing per leg)."""
+        return next((f for f in self.fits if f.leg == leg and f.seed == seed), None)
 
     def to_json(self) -> dict[str, Any]:
         return _nan_to_none(asdict(self))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], source: Path | str = "<memory>") -> RunResult:
-        if data.get("schema") != SCHEMA:
-            raise ZsadError(f"{source}: not a zsad-bench results file (schema {data.get('schema')!r}, want {SCHEMA})")
-        data = dict(data)
+    def from_json(cls, data: Any, source: Path | str = "<memory>") -> RunResult:
+        """Validate ``data`` (v1 or v2) and build the result; one-line ZsadError on any problem."""
+        data = validate(data, source)
+        data = _upgrade_v1(data) if data["schema"] == SCHEMA_V1 else dict(data)
         data["records"] = [
             CategoryRecord(**{**r, "metrics": {k: _none_to_nan(v) for k, v in r["metrics"].items()}})
             for r in data.get("records", [])
         ]
+        data["images"] = [ImageRecord(**{**r, "score": _none_to_nan(r["score"])}) for r in data.get("images", [])]
+        data["fits"] = [FitRecord(**r) for r in data.get("fits", [])]
+        data["schema"] = SCHEMA
         try:
             return cls(**data)
         except TypeError as exc:
-            raise ZsadError(f"{source}: malformed results file ({exc})") from None
+            raise ZsadError(f"{source}: malformed results file ({exc}); re-run or restore it") from None
 
     @classmethod
     def load(cls, path: Path) -> RunResult:
@@ -94,6 +143,8 @@ class RunResult:
             raise ZsadError(f"{path}: results file not found") from None
         except json.JSONDecodeError as exc:
             raise ZsadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run or delete it") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ZsadError(f"{path}: unreadable results file ({exc}); check the file") from None
         return cls.from_json(data, path)
 
     def save(self, path: Path, overwrite: bool = False) -> None:
@@ -102,7 +153,7 @@ class RunResult:
         if path.exists() and not overwrite:
             raise ZsadError(f"{path}: results file exists; pass --resume to continue it or choose another --out")
         atomic_write_text(path, json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
-        atomic_write_text(path.with_suffix(".csv"), self.long_csv())
+        atomic_write_text(csv_path(path), self.long_csv())
 
     def long_rows(self) -> list[dict[str, Any]]:
         """One row per (seed, target, category, metric); values as fractions."""
@@ -129,6 +180,11 @@ class RunResult:
         writer.writeheader()
         writer.writerows(self.long_rows())
         return buf.getvalue()
+
+
+def csv_path(path: Path) -> Path:
+    """The long-form CSV written beside a results JSON."""
+    return Path(path).with_suffix(".csv")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -165,3 +221,100 @@ def _nan_to_none(obj: Any) -> Any:
 
 def _none_to_nan(v: Any) -> float:
     return float("nan") if v is None else float(v)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+_HEADER = {
+    "run_id": str,
+    "method": str,
+    "method_label": str,
+    "backbone": str,
+    "protocol": str,
+    "aux": list,
+    "targets": list,
+    "config": dict,
+    "seeds": list,
+    "learning_type": str,
+    "metric_variants": dict,
+}
+_RECORD = {"seed": int, "target": str, "category": str, "n_images": int, "metrics": dict}
+_IMAGE = {"seed": int, "leg": str, "target": str, "category": str, "path": str, "defect": str, "label": int}
+_FIT = {"seed": int, "leg": str, "checkpoint": str}
+_TYPE_NAMES = {str: "a string", list: "a list", dict: "an object", int: "an integer", bool: "true/false"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _check_fields(entry: Any, spec: dict[str, type], where: str, source: Path | str) -> None:
+    if not isinstance(entry, dict):
+        raise ZsadError(f"{source}: {where} is not an object; re-run or restore the file")
+    for key, kind in spec.items():
+        if key not in entry:
+            raise ZsadError(f"{source}: {where} lacks '{key}'; re-run or restore the file")
+        if not _is(entry[key], kind):
+            raise ZsadError(
+                f"{source}: {where}.{key} = {entry[key]!r} is not {_TYPE_NAMES[kind]}; re-run or restore the file"
+            )
+
+
+def validate(data: Any, source: Path | str = "<memory>") -> dict[str, Any]:
+    """Check a results document (v1 or v2) and return it; one-line ZsadError naming the bad entry.
+
+    Metric values must be fractions in [0, 1] or null: a value such as 11.69 (a percentage typed in
+    by hand) is refused rather than shown as 1169%.
+    """
+    if not isinstance(data, dict) or data.get("schema") not in READABLE_SCHEMAS:
+        schema = data.get("schema") if isinstance(data, dict) else None
+        raise ZsadError(f"{source}: not a zsad-bench results file (schema {schema!r}, want {SCHEMA})")
+    _check_fields(data, _HEADER, "the file", source)
+    if not all(_is(s, int) for s in data["seeds"]):
+        raise ZsadError(f"{source}: seeds = {data['seeds']!r} must be integers; re-run or restore the file")
+    for name, spec in (("records", _RECORD), ("images", _IMAGE), ("fits", _FIT)):
+        entries = data.get(name, [])
+        if not isinstance(entries, list):
+            raise ZsadError(f"{source}: '{name}' is not a list; re-run or restore the file")
+        for i, entry in enumerate(entries):
+            _check_fields(entry, spec, f"{name}[{i}]", source)
+    for i, rec in enumerate(data.get("records", [])):
+        for metric, value in rec["metrics"].items():
+            if not _number(value) or (value is not None and not math.isnan(value) and not 0.0 <= value <= 1.0):
+                raise ZsadError(
+                    f"{source}: records[{i}].metrics.{metric} = {value!r} is not a fraction in [0, 1] (metrics are "
+                    "stored as fractions, not percent); fix the value or re-run"
+                )
+    for i, img in enumerate(data.get("images", [])):
+        if not _number(img.get("score")):
+            raise ZsadError(f"{source}: images[{i}].score = {img.get('score')!r} is not a number; re-run")
+    if not isinstance(data.get("complete", False), bool):
+        raise ZsadError(f"{source}: complete = {data['complete']!r} is not true/false; re-run or restore the file")
+    return data
+
+
+def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 string keys (``checkpoint|leg|seed=N``, ``fit_s|...``, ``name|leg|seed=N``) -> fit records."""
+    data = dict(data)
+    artifacts = data.pop("artifacts", {}) or {}
+    summary = data.pop("summary", {}) or {}
+    timings = dict(data.get("timings", {}) or {})
+    fits = []
+    for key, path in artifacts.items():
+        kind, _, rest = key.partition("|")
+        leg, _, seed = rest.rpartition("|seed=")
+        if kind != "checkpoint" or not seed.lstrip("-").isdigit():
+            continue
+        suffix = f"|{leg}|seed={seed}"
+        seconds = timings.pop(f"fit_s{suffix}", 0.0)
+        numbers = {k[: -len(suffix)]: v for k, v in summary.items() if k.endswith(suffix)}
+        fits.append({"seed": int(seed), "leg": leg, "checkpoint": path, "seconds": seconds, "summary": numbers})
+    data["fits"] = fits
+    data["timings"] = timings
+    data["images"] = []
+    return data

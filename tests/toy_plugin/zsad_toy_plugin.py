@@ -7,7 +7,7 @@ the distance of each patch to that mean. ``sleep`` slows predict() so a test can
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,8 @@ class ToyZeroShot(Detector):
 
     @dataclass
     class Config:
-        sleep: float = 0.0
-        noise: float = 0.0
+        sleep: float = field(default=0.0, metadata={"ge": 0.0, "inference": True, "help": "seconds per predict()"})
+        noise: float = field(default=0.0, metadata={"ge": 0.0, "help": "std of the seeded perturbation of the fit"})
 
     def fit(self, data, ctx) -> None:
         type(self).fits += 1

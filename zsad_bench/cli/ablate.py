@@ -158,7 +158,7 @@ def _point_rows(result: Any) -> list[dict[str, Any]]:
             leg.setdefault(name, []).append(value)
     rows = []
     for leg, metrics in by_leg.items():
-        sparsity = [v for k, v in result.summary.items() if k.startswith(f"guide_sparsity|{leg}|")]
+        sparsity = [f.summary["guide_sparsity"] for f in result.fits if f.leg == leg and "guide_sparsity" in f.summary]
         row: dict[str, Any] = {"point": result.method_label, "leg": leg}
         row["guide sparsity"] = sum(sparsity) / len(sparsity) if sparsity else float("nan")
         row.update({m: sum(v) / len(v) for m, v in metrics.items()})

@@ -1,11 +1,18 @@
-"""``zsad-bench`` entry point: dispatches to the command modules and turns errors into one line."""
+"""``zsad-bench`` entry point: dispatches to the command modules and turns errors into one line.
+
+Core commands live in :data:`COMMAND_MODULES`; a method package adds its own commands (SPG's
+``atoms``) through the entry-point group ``zsad_bench.commands``, whose value is a module defining
+``add_parser(subparsers)`` like the core ones.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from zsad_bench import __version__
 from zsad_bench.errors import ZsadError
@@ -18,8 +25,13 @@ COMMAND_MODULES = (
     "zsad_bench.cli.table",
     "zsad_bench.cli.bench",
     "zsad_bench.cli.cache",
-    "zsad_bench.cli.spg",
+    "zsad_bench.cli.ablate",
+    "zsad_bench.cli.sweep",
+    "zsad_bench.cli.show",
+    "zsad_bench.cli.plot",
+    "zsad_bench.cli.report",
 )
+COMMAND_GROUP = "zsad_bench.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,18 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark harness for zero-shot anomaly detection and segmentation.",
     )
     parser.add_argument("--version", action="version", version=f"zsad-bench {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print full tracebacks (also accepted after COMMAND)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in COMMAND_MODULES:
         importlib.import_module(mod).add_parser(sub)
+    for ep in sorted(entry_points(group=COMMAND_GROUP), key=lambda e: e.name):
+        try:
+            ep.load().add_parser(sub)
+        except Exception as exc:  # a broken plugin must not take the core commands down
+            print(f"zsad-bench: warning: command plugin '{ep.name}' ({ep.value}) not loaded: {exc}", file=sys.stderr)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ZsadError as exc:
+        if debug:
+            traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
         print(f"zsad-bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

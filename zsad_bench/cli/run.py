@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from zsad_bench.cli.common import add_run_arguments, parse_set, split_csv
+
+
+class SetAlias(argparse.Action):
+    """``--NAME VALUE`` as a documented alias of ``--set OPTION=VALUE`` (validated by the method's Config)."""
+
+    def __init__(self, option_strings: list[str], dest: str, option: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, "set", **kwargs)
+        self.option = option
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        items = list(getattr(namespace, "set", None) or [])
+        namespace.set = [*items, f"{self.option}={values}"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,10 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument(
         "--aggregation",
-        choices=("max", "mean", "lse"),
-        help="image score from the map, for methods with this option (SPG): max, mean or log-sum-exp",
+        action=SetAlias,
+        option="aggregation",
+        metavar="NAME",
+        help="alias of --set aggregation=NAME (SPG: image score from the map: max, mean or lse)",
     )
-    p.add_argument("--tau", type=float, help="temperature of --aggregation lse (SPG's agg_tau)")
+    p.add_argument("--tau", action=SetAlias, option="agg_tau", metavar="T", help="alias of --set agg_tau=T")
     p.set_defaults(func=_run)
 
 
@@ -63,10 +78,6 @@ def _run(args: argparse.Namespace) -> int:
     from zsad_bench.tables import load_results, render_summary
 
     spec = spec_from_args(args)
-    if args.aggregation is not None:
-        spec.method_config["aggregation"] = args.aggregation
-    if args.tau is not None:
-        spec.method_config["agg_tau"] = str(args.tau)
     spec.eval_size = args.eval_size
     spec.out = args.out
     spec.resume = args.resume

@@ -69,8 +69,7 @@ def execute_task(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_point(payload: dict[str, Any]) -> dict[str, Any]:
-    """The point's run, resumed from its last finished category; records the thread count in its results."""
-    from zsad_bench.results import RunResult
+    """The point's run, resumed from its last finished category (the runner records its thread count)."""
     from zsad_bench.runner import run_experiment
     from zsad_bench.sweep.plan import spec_from_options
 
@@ -87,12 +86,9 @@ def run_point(payload: dict[str, Any]) -> dict[str, Any]:
 
         (cache_dir() / "locks").mkdir(parents=True, exist_ok=True)
         with FileLock(str(cache_dir() / "locks" / f"{payload['lock']}.lock")):
-            result, path = run_experiment(spec)
+            result, _ = run_experiment(spec)
     else:
-        result, path = run_experiment(spec)
-    result = RunResult.load(path)
-    result.summary["threads"] = float(payload["threads"])
-    result.save(path, overwrite=True)
+        result, _ = run_experiment(spec)
     return {"categories": len(result.records), "device": spec.device}
 
 

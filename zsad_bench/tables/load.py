@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,10 @@ import pandas as pd
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import METRICS
-from zsad_bench.results import SCHEMA as RESULTS_SCHEMA
-from zsad_bench.results import RunResult
+from zsad_bench.results import READABLE_SCHEMAS, RunResult
 from zsad_bench.tables.names import canonical_protocol, dataset_name, dataset_names, leg_setting, reported_target
 
 BENCH_SCHEMA = "zsad-bench/bench/v1"
-RESULTS_SCHEMA_V2 = "zsad-bench/results/v2"
 BENCH_KEYS = ("method", "backbone", "device", "dtype", "batch_size", "component")
 BENCH_VALUES = ("images_per_s", "p50_ms", "p95_ms", "peak_mem_mb")
 LONG_COLUMNS = (
@@ -71,7 +69,7 @@ def _read_json(path: Path) -> dict:
         raise ZsadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run or remove it") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ZsadError(f"{path}: unreadable ({exc}); check the file") from None
-    if not isinstance(data, dict) or data.get("schema") not in (RESULTS_SCHEMA, RESULTS_SCHEMA_V2, BENCH_SCHEMA):
+    if not isinstance(data, dict) or data.get("schema") not in (*READABLE_SCHEMAS, BENCH_SCHEMA):
         schema = data.get("schema") if isinstance(data, dict) else None
         raise ZsadError(
             f"{path}: not a zsad-bench results or benchmark file (schema {schema!r}); pass only files written by "
@@ -80,21 +78,14 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _load_run(data: dict, path: Path) -> tuple[RunResult, list[Mapping[str, Any]]]:
-    """The run and its per-image records (shared interface 1: schema v2 ``images``; v1 files have none).
+def _load_run(path: Path) -> tuple[RunResult, list[Mapping[str, Any]]]:
+    """The run and its per-image records (schema v2 ``images``; v1 files have none).
 
     Read through :meth:`RunResult.load`, so its validation (schema, fractions in [0, 1]) applies here too.
-    While :class:`RunResult` reads only v1, a v2 file is read through its v1 fields and its ``images`` list is
-    taken from the JSON here; once RunResult knows v2, its own ``images`` are used.
     """
     try:
-        if data["schema"] == RESULTS_SCHEMA_V2 and "images" not in {f.name for f in fields(RunResult)}:
-            known = {f.name for f in fields(RunResult)}
-            run = RunResult.from_json({**{k: v for k, v in data.items() if k in known}, "schema": RESULTS_SCHEMA}, path)
-            images = data.get("images") or []
-        else:
-            run = RunResult.load(path)
-            images = [r if isinstance(r, Mapping) else vars(r) for r in getattr(run, "images", [])]
+        run = RunResult.load(path)
+        images = [vars(r) for r in run.images]
         run.long_rows()  # every record readable
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # hand-edited files: one line, no traceback
         raise ZsadError(f"{path}: malformed results file ({type(exc).__name__}: {exc}); re-run or remove it") from None
@@ -178,7 +169,7 @@ def scan(paths: Sequence[Path | str]) -> Scan:
         if data["schema"] == BENCH_SCHEMA:
             bench_rows += _bench_rows(data, str(path))
             continue
-        run, images = _load_run(data, path)
+        run, images = _load_run(path)
         eval_rows += _eval_rows(run, path)
         suffix = _shot_suffix(run.protocol)
         for i, rec in enumerate(images):

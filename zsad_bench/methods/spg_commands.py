@@ -1,4 +1,8 @@
-"""SPG command ``zsad-bench atoms RUN`` (the ablations live in zsad_bench.cli.ablate)."""
+"""``zsad-bench atoms RUN``: SPG interpretability, shipped with the method (entry point ``zsad_bench.commands``).
+
+Lists the active atoms of a fitted SPG run's anomaly guide and renders, for the top atoms, the
+auxiliary images whose patches activate them most.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,12 @@ import argparse
 import heapq
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from zsad_bench.errors import ZsadError
+
+if TYPE_CHECKING:  # the parser is built on every CLI call: import the method only when atoms runs
+    from zsad_bench.methods.spg import SPG
 
 LIST_ATOMS = 40  # active atoms printed by `atoms` unless --list-all
 
@@ -31,8 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     atoms.set_defaults(func=_atoms)
 
 
-# ---------------------------------------------------------------------------------------------- atoms
-def top_patches(detector: Any, source: Any, atoms: list[int], n: int, batch_size: int = 16) -> list[list[tuple]]:
+def top_patches(detector: SPG, source: Any, atoms: list[int], n: int, batch_size: int = 16) -> list[list[tuple]]:
     """Per atom, the ``n`` aux images whose best patch activates it most, best first.
 
     Each entry is ``(activation, sample index, heat (h, w) tensor, (row, col) of the best patch)``;
@@ -103,12 +109,13 @@ def render_atoms(
 
 
 def _atoms(args: argparse.Namespace) -> int:
+    from zsad_bench.methods.spg import SPG
     from zsad_bench.runner import rebuild
 
     if args.top < 1 or args.patches < 1:
         raise ZsadError("--top and --patches must be >= 1")
     detector, source = rebuild(args.run, seed=args.seed, leg_index=args.leg, device=args.device)
-    if not hasattr(detector, "anomaly_atoms"):
+    if not isinstance(detector, SPG):
         raise ZsadError(f"{args.run}: a run of method '{detector.name}'; atoms needs an spg or spg-topk run")
     active = detector.anomaly_atoms()
     shown = active if args.list_all else active[:LIST_ATOMS]

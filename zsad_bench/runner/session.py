@@ -1,0 +1,247 @@
+"""One process's working set for a run: the resolved spec, one backbone, one detector, their data sources.
+
+:func:`build_detector` is the one place a detector is built from a :class:`RunSpec` (``run``, the
+plan executor, ``bench``, ``rebuild`` and SPG's ``atoms`` all use it). :class:`Session` adds what
+executing work items needs on top: feature sources, fitting with checkpoints, evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from zsad_bench import locks
+from zsad_bench.backbones import Backbone, create_backbone
+from zsad_bench.data import Dataset, Sample, samples_fingerprint
+from zsad_bench.data.io import load_image, load_mask
+from zsad_bench.detector import (
+    Detector,
+    FitContext,
+    LearningType,
+    check_backbone,
+    create_method,
+    get_method_class,
+    inference_options,
+    parse_overrides,
+    plugin_call,
+)
+from zsad_bench.errors import ZsadError
+from zsad_bench.features import FeatureCache, extract_features
+from zsad_bench.metrics import METRICS, MetricAccumulator
+from zsad_bench.paths import cache_dir
+from zsad_bench.protocols import Leg, few_shot_legs, resolve_protocol
+from zsad_bench.results import ImageRecord
+from zsad_bench.runner.checkpoints import SUFFIX, load_checkpoint, save_checkpoint
+from zsad_bench.runner.spec import AUX_SPLITS, RunSpec, check_learning_type, resolve_device, seed_everything
+from zsad_bench.source import FeatureSource
+
+
+class Log:
+    """``[zsad-bench] message`` lines on stderr unless the run is quiet."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[zsad-bench] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Resolved:
+    """A spec checked and resolved without loading weights: method class, legs, shots, backbone name."""
+
+    cls: type[Detector]
+    legs: list[Leg]
+    shots: int | None
+    backbone_name: str
+    image_size: int | None
+
+
+def resolve(spec: RunSpec) -> Resolved:
+    """Check ``spec`` cheaply (method, options, protocol, learning type, backbone) and resolve its defaults."""
+    cls = get_method_class(spec.method)
+    if spec.aux_split not in AUX_SPLITS:
+        raise ZsadError(f"--aux-split {spec.aux_split}: choose one of {', '.join(AUX_SPLITS)}")
+    legs = resolve_protocol(spec.protocol, spec.aux, spec.targets, spec.data_root)
+    check_learning_type(cls, legs, spec.shots)
+    few_shot = cls.learning_type is LearningType.FEW_SHOT
+    shots = (spec.shots or 1) if few_shot else None
+    if few_shot:
+        legs = few_shot_legs(legs)
+    backbone_name = spec.backbone or cls.default_backbone
+    # cheap checks first: a typo in --set or an unsupported backbone fails before any weights load
+    parse_overrides(cls, spec.method_config)
+    check_backbone(cls, backbone_name)
+    image_size = spec.image_size
+    if image_size is None and spec.backbone in (None, cls.default_backbone):
+        image_size = cls.default_image_size  # the paper's size on the paper's backbone
+    return Resolved(cls, legs, shots, backbone_name, image_size)
+
+
+def build_detector(spec: RunSpec, resolved: Resolved | None = None) -> Detector:
+    """The backbone (built once, on the spec's device) and the method's detector on it."""
+    r = resolved or resolve(spec)
+    device = resolve_device(spec.device)
+    backbone: Backbone = create_backbone(
+        r.backbone_name, weights=spec.weights, image_size=r.image_size, **spec.backbone_kwargs
+    ).to(device)
+    return create_method(spec.method, backbone, device, **spec.method_config)
+
+
+class Session:
+    """A built detector plus the operations work items need: data sources, fit (with checkpoints), evaluate."""
+
+    def __init__(self, spec: RunSpec, log: Callable[[str], None] | None = None) -> None:
+        self.spec = spec
+        self.log = log or Log(spec.progress)
+        self.resolved = resolve(spec)
+        self.cls = self.resolved.cls
+        self.backbone_name = self.resolved.backbone_name
+        self.detector = build_detector(spec, self.resolved)
+        self.device = self.detector.device
+        self.backbone = self.detector.backbone
+        self.image_size = self.backbone.image_size
+        self.eval_size = spec.eval_size or self.image_size
+        self.cache = FeatureCache() if spec.use_cache else None
+        self.method_config = dataclasses.asdict(self.detector.config)
+
+    # ---------------------------------------------------------------- data sources
+    def source(self, samples: list[Sample]) -> FeatureSource:
+        """A DataSource over ``samples``: cached features, or preprocessed images for ``needs_images``."""
+        pre = self.backbone.preprocess
+        if self.cls.needs_images:
+            return FeatureSource(samples, self.image_size, None, load_mask, lambda s: pre(load_image(s.image_path)))
+        store = extract_features(
+            self.backbone,
+            samples,
+            layers=self.cls.feature_layers,
+            cache=self.cache,
+            batch_size=max(self.spec.batch_size, 8),
+            num_workers=self.spec.num_workers,
+            device=self.device,
+            progress=self.spec.progress,
+        )
+        return FeatureSource(samples, self.image_size, store.get, load_mask)
+
+    # ---------------------------------------------------------------- fitting with checkpoints
+    def checkpoint_path(self, data_fp: str, seed: int) -> Path:
+        """Checkpoint of a fit: keyed by method, fit-relevant config, backbone, training data, seed, aux split."""
+        skip = inference_options(self.cls)
+        fit_config = {k: v for k, v in self.method_config.items() if k not in skip}
+        key = json.dumps(
+            [self.cls.name, fit_config, self.backbone.identity, data_fp, seed, self.spec.aux_split],
+            sort_keys=True,
+            default=str,
+        )
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        return cache_dir() / "checkpoints" / self.cls.name / f"{digest}{SUFFIX}"
+
+    def artifacts_dir(self) -> Path:
+        """Where the method keeps sub-fits shared across configurations (SPG's SAE), per artifacts family."""
+        return cache_dir() / "artifacts" / (self.cls.artifacts_family or self.cls.name)
+
+    def fit(self, samples: list[Sample], seed: int) -> tuple[Path, float]:
+        """Fit on ``samples`` or load the matching checkpoint; returns (checkpoint, seconds spent fitting).
+
+        The checkpoint's lock is held while fitting, so parallel workers of one plan fit it once.
+        """
+        data_fp = samples_fingerprint(samples)
+        path = self.checkpoint_path(data_fp, seed)
+        with locks.waiting(path, timeout=None):
+            if self._try_load(path):
+                return path, 0.0
+            seed_everything(seed)
+            ctx = FitContext(
+                device=self.device,
+                seed=seed,
+                artifacts_dir=self.artifacts_dir(),
+                progress=self.spec.progress,
+                log=self.log,
+            )
+            source = self.source(samples)
+            t0 = time.perf_counter()
+            # one writer of the family's shared sub-fits (the plan's "shared" node) at a time
+            with locks.waiting(ctx.artifacts_dir / "shared", timeout=None):
+                plugin_call(self.detector, "fit", self.detector.fit, source, ctx)
+            seconds = time.perf_counter() - t0
+            save_checkpoint(self.detector, path, data_fp, seed)
+        return path, seconds
+
+    def _try_load(self, path: Path) -> bool:
+        old = path.with_suffix(".pt")
+        if old.exists() and not path.exists():
+            self.log(f"not loading {old}: pickled checkpoint of an older zsad-bench (unsafe); refitting")
+        if not path.exists():
+            return False
+        try:
+            load_checkpoint(self.detector, path)
+        except ZsadError as exc:
+            self.log(f"ignoring unusable checkpoint ({exc}); refitting")
+            return False
+        self.log(f"reusing fitted checkpoint {path}")
+        return True
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, samples: list[Sample], desc: str) -> tuple[dict[str, float], list[tuple[Sample, float]]]:
+        """Predict ``samples``: every metric (fractions; NaN where undefined) and each image's score."""
+        acc = MetricAccumulator(tuple(METRICS), label=desc)
+        source = self.source(samples)
+        scored: list[tuple[Sample, float]] = []
+        with torch.inference_mode():
+            predictions = plugin_call(
+                self.detector, "predict", self.detector.predict_source, source, self.spec.batch_size
+            )
+            for batch, pred in predictions:
+                maps = pred.maps.detach().float()
+                if maps.shape[-1] != self.eval_size or maps.shape[-2] != self.eval_size:
+                    maps = F.interpolate(
+                        maps[:, None], size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False
+                    )[:, 0]
+                masks = np.stack([load_mask(s, self.eval_size) for s in batch.samples])
+                scores = pred.scores.detach().float().cpu().numpy()
+                acc.update(
+                    maps.cpu().numpy(),
+                    masks,
+                    scores,
+                    np.array([s.label for s in batch.samples]),
+                    [str(s.image_path) for s in batch.samples],
+                )
+                scored += list(zip(batch.samples, scores.tolist(), strict=True))
+        return acc.compute(), scored
+
+    def reference_samples(self, category: Dataset, seed: int) -> list[Sample]:
+        """k normal train images of a target category, drawn with ``seed``."""
+        normals = [s for s in category.samples if s.split == "train" and s.label == 0]
+        k = int(self.resolved.shots or 1)
+        if len(normals) < k:
+            raise ZsadError(
+                f"{category.root}: category '{category.categories[0]}' has {len(normals)} normal "
+                f"train images, fewer than --shots {k}"
+            )
+        idx = sorted(np.random.default_rng(seed).choice(len(normals), size=k, replace=False).tolist())
+        return [normals[i] for i in idx]
+
+
+def image_records(seed: int, leg: str, target: str, scored: list[tuple[Sample, float]]) -> list[ImageRecord]:
+    """One :class:`ImageRecord` per evaluated image."""
+    return [
+        ImageRecord(seed, leg, target, s.category, str(s.image_path), s.defect_type, int(s.label), float(score))
+        for s, score in scored
+    ]
+
+
+def summary_of(detector: Detector) -> dict[str, Any]:
+    """The detector's extra numbers for the fit record."""
+    return dict(plugin_call(detector, "summary", detector.summary))
