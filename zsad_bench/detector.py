@@ -116,6 +116,13 @@ class Detector(ABC):
     inference_options: ClassVar[tuple[str, ...]] = ()
     # Variants of one method share reusable artifacts (e.g. spg-topk reuses spg's SAEs); default: name.
     artifacts_family: ClassVar[str] = ""
+    # What the method's paper ran (zsad_bench.presets.PaperSetting: backbone, size, layers, protocol options);
+    # None: default_backbone / default_image_size / feature_layers stand in (``--preset paper``).
+    paper_setting: ClassVar[Any] = None
+    # Options applied from the *target* dataset's kind ("mvtec", "visa"), under every preset.
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Controls (floors such as a random scorer) are listed apart and never marked best in tables.
+    is_control: ClassVar[bool] = False
 
     @dataclass
     class Config:
@@ -125,6 +132,11 @@ class Detector(ABC):
         self.backbone = backbone
         self.config = config if config is not None else type(self).Config()
         self.device = torch.device(device)
+
+    @classmethod
+    def layers_for(cls, capabilities: Any) -> tuple[str, ...] | None:
+        """The layers this method reads on a backbone with ``capabilities`` (default :attr:`feature_layers`)."""
+        return cls.feature_layers
 
     def fit(self, data: DataSource, ctx: FitContext) -> None:
         """Learn from ``data``: the auxiliary set (zero-shot) or k normal references (few-shot).

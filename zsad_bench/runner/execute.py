@@ -48,6 +48,8 @@ class Executor:
         """Execute ``node_id`` (after its own dependencies) unless this process already did."""
         node = self.plan.nodes[node_id]
         if node.kind == "fit":
+            if self.session.use_leg(node.leg):
+                self._fitted = None
             if self._fitted != node_id:
                 for dep in node.deps:
                     self.ensure(dep)
@@ -87,6 +89,8 @@ class Executor:
     def run_item(self, item: WorkItem) -> None:
         """Fit what the item needs, score its category, merge the records."""
         t0 = time.perf_counter()
+        if self.session.use_leg(item.leg):  # per-dataset options of this leg's targets
+            self._fitted = None
         for dep in item.deps:
             if self.plan.nodes[dep].kind == "fit" and self.session.cls.learning_type is LearningType.FEW_SHOT:
                 self._fitted = None  # few-shot fits are per item, never reused for another

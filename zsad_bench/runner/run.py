@@ -43,7 +43,11 @@ def run_header(session: Session, run_id: str) -> RunResult:
         protocol=protocol,
         aux=sorted({a for leg in r.legs for a in leg.aux}),
         targets=sorted({t for leg in r.legs for t in leg.targets}),
-        config={"method": session.method_config, "run": run_options(session)},
+        config={
+            "method": session.method_config,
+            "run": run_options(session),
+            "preset": {**r.settings.record(), "leg_options": _plain(r.leg_options)},
+        },
         seeds=list(spec.seeds),
         learning_type=str(cls.learning_type),
         metric_variants=dict(METRICS),
@@ -52,6 +56,15 @@ def run_header(session: Session, run_id: str) -> RunResult:
         device=device_description(session.device),
         created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     )
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples as lists, recursively (the JSON form, so a resumed run's config compares equal)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def run_options(session: Session) -> dict[str, Any]:
@@ -69,6 +82,7 @@ def run_options(session: Session) -> dict[str, Any]:
         "categories": spec.categories,
         "shots": r.shots,
         "batch_size": spec.batch_size,
+        "layers": None if session.layers is None else list(session.layers),
         "legs": [dataclasses.asdict(leg) for leg in r.legs],
     }
 
@@ -154,6 +168,7 @@ def load_fitted(
         aux_categories=run.get("aux_categories"),
         aux_split=run.get("aux_split", "test"),
         method_config=result.config.get("method", {}),
+        preset=result.config.get("preset", {}).get("name", "paper"),
         backbone_kwargs=backbone_kwargs or {},
         weights=run.get("weights"),
         image_size=run.get("image_size"),

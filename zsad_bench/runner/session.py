@@ -12,7 +12,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zsad_bench import locks
+from zsad_bench import locks, presets
 from zsad_bench.backbones import Backbone, create_backbone
 from zsad_bench.data import Dataset, Sample, samples_fingerprint
 from zsad_bench.data.io import load_image, load_mask
@@ -40,6 +40,7 @@ from zsad_bench.errors import ZsadError
 from zsad_bench.features import FeatureCache, extract_features
 from zsad_bench.metrics import METRICS, MetricAccumulator
 from zsad_bench.paths import cache_dir
+from zsad_bench.presets import ResolvedSettings
 from zsad_bench.protocols import Leg, few_shot_legs, resolve_protocol
 from zsad_bench.results import ImageRecord
 from zsad_bench.runner.checkpoints import SUFFIX, load_checkpoint, save_checkpoint
@@ -60,17 +61,36 @@ class Log:
 
 @dataclass
 class Resolved:
-    """A spec checked and resolved without loading weights: method class, legs, shots, backbone name."""
+    """A spec checked and resolved without loading weights: method class, legs, shots, preset settings.
+
+    ``settings`` are the run-wide preset settings (backbone, size, layers, options) for the targets' common
+    dataset kind; ``leg_options`` the method options of each leg, which differ where the legs' targets are
+    of different kinds (per-dataset defaults such as MuSc's RsCIN windows).
+    """
 
     cls: type[Detector]
     legs: list[Leg]
     shots: int | None
-    backbone_name: str
-    image_size: int | None
+    settings: ResolvedSettings
+    leg_options: dict[str, dict[str, Any]]
+
+    @property
+    def backbone_name(self) -> str:
+        return self.settings.backbone
+
+    @property
+    def image_size(self) -> int | None:
+        return self.settings.image_size
+
+
+def targets_kind(targets: Sequence[str]) -> str | None:
+    """The dataset kind (``mvtec``/``visa``) shared by every target spec, else None (no per-dataset defaults)."""
+    kinds = {presets.dataset_kind(t) for t in targets}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def resolve(spec: RunSpec) -> Resolved:
-    """Check ``spec`` cheaply (method, options, protocol, learning type, backbone) and resolve its defaults."""
+    """Check ``spec`` cheaply (method, options, protocol, learning type, backbone) and resolve its preset."""
     cls = get_method_class(spec.method)
     if spec.aux_split not in AUX_SPLITS:
         raise ZsadError(f"--aux-split {spec.aux_split}: choose one of {', '.join(AUX_SPLITS)}")
@@ -80,24 +100,29 @@ def resolve(spec: RunSpec) -> Resolved:
     shots = (spec.shots or 1) if few_shot else None
     if few_shot:
         legs = few_shot_legs(legs)
-    backbone_name = spec.backbone or cls.default_backbone
+
+    def settings_for(targets: Sequence[str]) -> ResolvedSettings:
+        return presets.resolve(
+            cls, spec.preset, targets_kind(targets), spec.backbone, spec.method_config, spec.image_size
+        )
+
+    settings = settings_for([t for leg in legs for t in leg.targets])
+    leg_options = {leg.name: settings_for(leg.targets).config_overrides for leg in legs}
     # cheap checks first: a typo in --set or an unsupported backbone fails before any weights load
-    parse_overrides(cls, spec.method_config)
-    check_backbone(cls, backbone_name)
-    image_size = spec.image_size
-    if image_size is None and spec.backbone in (None, cls.default_backbone):
-        image_size = cls.default_image_size  # the paper's size on the paper's backbone
-    return Resolved(cls, legs, shots, backbone_name, image_size)
+    for options in leg_options.values():
+        parse_overrides(cls, options)
+    check_backbone(cls, settings.backbone)
+    return Resolved(cls, legs, shots, settings, leg_options)
 
 
 def build_detector(spec: RunSpec, resolved: Resolved | None = None) -> Detector:
-    """The backbone (built once, on the spec's device) and the method's detector on it."""
+    """The backbone (built once, on the spec's device) and the method's detector on it, at the spec's preset."""
     r = resolved or resolve(spec)
     device = resolve_device(spec.device)
     backbone: Backbone = create_backbone(
         r.backbone_name, weights=spec.weights, image_size=r.image_size, **spec.backbone_kwargs
     ).to(device)
-    return create_method(spec.method, backbone, device, **spec.method_config)
+    return create_method(spec.method, backbone, device, **r.settings.config_overrides)
 
 
 class Session:
@@ -116,6 +141,21 @@ class Session:
         self.eval_size = spec.eval_size or self.image_size
         self.cache = FeatureCache() if spec.use_cache else None
         self.method_config = dataclasses.asdict(self.detector.config)
+        self.layers = self.resolved.settings.layers or self.cls.feature_layers
+        self._options = self.resolved.settings.config_overrides
+
+    def use_leg(self, leg: str) -> bool:
+        """Configure the detector for ``leg``'s targets (per-dataset defaults); True when it was rebuilt.
+
+        A rebuilt detector has lost any fitted state, so the caller fits (or loads) it again.
+        """
+        options = self.resolved.leg_options[leg]
+        if options == self._options:
+            return False
+        self.detector = create_method(self.spec.method, self.backbone, self.device, **options)
+        self.method_config = dataclasses.asdict(self.detector.config)
+        self._options = options
+        return True
 
     # ---------------------------------------------------------------- data sources
     def source(self, samples: list[Sample]) -> FeatureSource:
@@ -126,7 +166,7 @@ class Session:
         store = extract_features(
             self.backbone,
             samples,
-            layers=self.cls.feature_layers,
+            layers=self.layers,
             cache=self.cache,
             batch_size=max(self.spec.batch_size, 8),
             num_workers=self.spec.num_workers,

@@ -35,6 +35,7 @@ class RunSpec:
     shots: int | None = None
     seeds: list[int] = field(default_factory=lambda: [111])
     method_config: dict[str, Any] = field(default_factory=dict)
+    preset: str = "paper"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
     image_size: int | None = None
