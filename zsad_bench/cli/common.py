@@ -54,3 +54,16 @@ def add_run_arguments(p: argparse.ArgumentParser, method_required: bool = True) 
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for feature extraction")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
+    # --- precision policy (issue #13; zsad_bench.features) -------------------------------------------
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        default="fp32",
+        help="feature extraction and fit precision: fp32 (default, as the SPG release), tf32 (TF32 matmuls on "
+        "CUDA), bf16 (bf16 backbone weights, float16 cache); recorded, and part of every cache and fit key",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic CUDA algorithms (bitwise repeatable GPU runs, slower; recorded)",
+    )
