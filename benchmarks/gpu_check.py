@@ -341,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 "1,725 + 2,162" if not args.smoke else "",
             ),
         ]
+        torch.manual_seed(0)  # the random weights: the same model on every run
         backbone = create_backbone("dinov3", config=config, image_size=size).to(device).eval()
         rows += backbone_rows(backbone, device, batches, warmup, iters)
         rows += fit_rows(device, args.smoke)
