@@ -216,4 +216,8 @@ def test_gpu_check_smoke_runs_on_cpu() -> None:
         cwd=root,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "target" in res.stdout and "sae step" in res.stdout and "protocol" in res.stdout
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in res.stdout.splitlines()[2:] if "|" in line}
+    assert rows["SPG SAE step (tiny sizes), fp32"][1].strip() == "<= 8 ms"
+    assert rows["SPG guide step (tiny sizes), fp32"][1].strip() == "<= 2 ms"
+    assert rows["protocol stand-in, both directions, cold cache"][0].strip().endswith(" s")
+    assert "stand-in data written" in rows and "zsad-bench backbone, bf16, batch 2" in rows
