@@ -34,6 +34,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the device machine receives the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+
+def _register_plugins() -> None:
+    """Import the plugins the check uses: without an installed distribution there are no entry points
+    (and open_clip, which other plugins import, may be absent)."""
+    import zsad_bench.adapters.mvtec
+    import zsad_bench.adapters.visa
+    import zsad_bench.methods.spg  # noqa: F401
+
+
 # (category, test images, of which normal, width, height, grayscale) — MVTec AD's test split
 MVTEC = [
     ("bottle", 83, 20, 900, 900, False),
@@ -310,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    _register_plugins()
     from zsad_bench.backbones import create_backbone
     from zsad_bench.features import set_deterministic
 
