@@ -37,6 +37,7 @@ from zsad_bench.methods._spg_sae import (
     anomaly_probability,
     auxk_loss,
     cosine_to_guides,
+    decode_dense,
     decode_sparse,
     effective_coefficients,
     focal_loss,
@@ -339,7 +340,9 @@ class SPG(Detector):
         pre = sae.preactivations(x)
         vals, idx = sparse_topk(pre, c.sae_k)
         atoms = sae.atoms()
-        x_hat = decode_sparse(vals, idx, atoms)
+        # embedding_bag's CUDA backward has no deterministic kernel: under --deterministic decode densely
+        deterministic = dense_aux and torch.are_deterministic_algorithms_enabled()
+        x_hat = decode_dense(vals, idx, atoms) if deterministic else decode_sparse(vals, idx, atoms)
         rec = (x_hat - x).pow(2).mean()
         any_dead = tracker.may_have_dead(x.shape[0])
         dead = tracker.update(vals, idx)
