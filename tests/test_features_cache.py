@@ -102,7 +102,7 @@ def test_second_run_hits_cache_and_matches_reference(backbone, samples, ref, tmp
 
 
 def test_float16_entries_are_rounded_reference(backbone, samples, ref, tmp_path: Path) -> None:
-    store = extract_features(backbone, samples[:2], cache=FeatureCache(tmp_path / "c"), progress=False)
+    store = extract_features(backbone, samples[:2], cache=FeatureCache(tmp_path / "c", "float16"), progress=False)
     grids = ref[0][:2]
     got = store.get([0, 1]).patches["mid"]
     half = grids.to(torch.float16).float()
@@ -110,7 +110,7 @@ def test_float16_entries_are_rounded_reference(backbone, samples, ref, tmp_path:
 
 
 def test_entry_file_layout_is_as_documented(backbone, samples, tmp_path: Path) -> None:
-    store = extract_features(backbone, samples[:1], cache=FeatureCache(tmp_path / "c"), progress=False)
+    store = extract_features(backbone, samples[:1], cache=FeatureCache(tmp_path / "c", "float16"), progress=False)
     (path,) = entry_files(tmp_path / "c")
     blob = path.read_bytes()
     assert blob[:8] == b"ZSADFC01"
@@ -164,7 +164,7 @@ def test_changed_image_and_settings_change_the_key(backbone, tmp_path: Path) -> 
     assert (store.hits, store.misses) == (4, 1)
     other_layers = extract_features(backbone, samples, layers=["mid", "2"], cache=cache, progress=False)
     assert other_layers.misses == 5 and other_layers.get([0]).patches["2"].shape == (1, 8, 8, 40)
-    other_dtype = extract_features(backbone, samples, cache=FeatureCache(tmp_path / "c", "float32"), progress=False)
+    other_dtype = extract_features(backbone, samples, cache=FeatureCache(tmp_path / "c", "float16"), progress=False)
     assert other_dtype.misses == 5
     assert len(cache.info()["groups"]) == 3
 

@@ -1,14 +1,22 @@
 """Inference throughput and latency of a method against its backbone alone (``zsad-bench bench``).
 
-For each dtype and batch size the backbone forward, the method's own work on top of it and the
-total are timed after a warm-up, with CUDA synchronisation around every iteration on GPU. The
-results file (schema ``zsad-bench/bench/v1``) renders with ``zsad-bench table``.
+For each dtype and batch size the plain upstream forward (the backbone library's own model, no
+wrapper), the backbone forward, the method's own work on top of it, the total, and the extraction
+pipeline (decode included, from image files) are timed after a warm-up, with CUDA synchronisation
+around every iteration on GPU. ``bf16`` runs bf16 weights (as ``--precision bf16``), ``fp16`` autocast.
+Peak memory is per row: the CUDA peak is reset before each component, and on the CPU the process's
+peak resident set is reset (Linux ``/proc/self/clear_refs``) and reported above the level before the
+component. For SPG, a fit figure times one SAE and one guide step on synthetic tokens (the paper's
+sizes with ``fit_size="paper"``). The results file (schema ``zsad-bench/bench/v1``) renders with
+``zsad-bench table``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
+import math
 import resource
 import secrets
 import statistics
@@ -24,6 +32,7 @@ import torch
 from zsad_bench.data.io import load_image
 from zsad_bench.detector import Batch, LearningType
 from zsad_bench.errors import ZsadError
+from zsad_bench.features import extract_features, precision_backbone, precision_context
 from zsad_bench.provenance import device_description, git_commit, package_versions
 from zsad_bench.runner import RunSpec, Session, load_fitted, open_datasets
 
@@ -47,6 +56,8 @@ class BenchSpec:
     run: Path | None = None
     fit_images: int = 16
     progress: bool = True
+    extraction_images: int = 32  # images per extraction figure (0: none)
+    fit_size: str | None = None  # SPG fit-step figure at FIT_SIZES[fit_size] ("paper", "small"), None: none
 
 
 def _sync(device: torch.device) -> None:
@@ -68,13 +79,58 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     return times
 
 
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB (process peak RSS)
+def _status_mb(field_name: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmHWM``, ``VmRSS``) in MiB, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
-def _row(spec: BenchSpec, device: torch.device, dtype: str, bs: int, component: str, times: list[float]) -> dict:
+class PeakMemory:
+    """Peak memory of one component: CUDA peak allocated since :meth:`start`, or on the CPU the peak
+    resident set since :meth:`start` minus the resident set at :meth:`start` (process-wide counters,
+    reset per component; without ``/proc`` the process's lifetime peak, as ``ru_maxrss``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.base = 0.0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = 0.0
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+            self.base = _status_mb("VmRSS") or 0.0
+        except OSError:
+            self.base = 0.0
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        hwm = _status_mb("VmHWM")
+        if hwm is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return max(hwm - self.base, 0.0)
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[list[float], float]:
+    """:func:`time_fn` and the component's peak memory (MiB) over the warm-up and the timed calls."""
+    mem = PeakMemory(device)
+    mem.start()
+    times = time_fn(fn, device, warmup, iters)
+    return times, mem.peak_mb()
+
+
+def _row(
+    spec: BenchSpec, device: torch.device, dtype: str, bs: int, component: str, times: list[float], peak_mb: float
+) -> dict:
     per_image_ms = [1000 * t / bs for t in times]
     return {
         "method": spec.method,
@@ -86,7 +142,7 @@ def _row(spec: BenchSpec, device: torch.device, dtype: str, bs: int, component: 
         "images_per_s": bs / statistics.fmean(times),
         "p50_ms": float(np.percentile(per_image_ms, 50)),
         "p95_ms": float(np.percentile(per_image_ms, 95)),
-        "peak_mem_mb": _peak_mem_mb(device),
+        "peak_mem_mb": peak_mb,
     }
 
 
@@ -118,38 +174,149 @@ def fitted_runner(spec: BenchSpec) -> Session:
     return runner
 
 
+def plain_forward(backbone: Any) -> Callable[[torch.Tensor], object] | None:
+    """The backbone library's own forward of the wrapped model (no layer selection, no reshaping)."""
+    model = getattr(backbone, "model", None)
+    if model is None:
+        return None
+    if hasattr(model, "config") and hasattr(model.config, "patch_size"):  # transformers
+        return lambda x: model(pixel_values=x)
+    if hasattr(model, "visual"):  # open_clip
+        return lambda x: model.visual(x)
+    if hasattr(model, "forward_features"):  # timm
+        return lambda x: model.forward_features(x)
+    return None
+
+
+def extraction_figure(
+    backbone: Any,
+    samples: Sequence[Any],
+    layers: Sequence[str],
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    num_workers: int | None = None,
+) -> tuple[float, float]:
+    """Seconds and peak MiB of :func:`extract_features` over ``samples`` (image files: decode included),
+    in memory (no cache: every image is computed)."""
+    mem = PeakMemory(device)
+    mem.start()
+    _sync(device)
+    t0 = time.perf_counter()
+    extract_features(
+        backbone, samples, layers, None, batch_size, num_workers, device, progress=False, precision=precision
+    )
+    _sync(device)
+    return time.perf_counter() - t0, mem.peak_mb()
+
+
+FIT_SIZES = {
+    # images per step, tokens per image, token width, SAE width, k, AuxK k, mask size: the paper (DINOv3-L@448)
+    "paper": {
+        "sae_batch": 16,
+        "guide_batch": 8,
+        "tokens": 784,
+        "dim": 1024,
+        "width": 4096,
+        "k": 32,
+        "auxk": 512,
+        "size": 448,
+    },
+    "small": {
+        "sae_batch": 4,
+        "guide_batch": 2,
+        "tokens": 196,
+        "dim": 128,
+        "width": 512,
+        "k": 16,
+        "auxk": 64,
+        "size": 112,
+    },
+    "tiny": {"sae_batch": 2, "guide_batch": 2, "tokens": 64, "dim": 32, "width": 64, "k": 4, "auxk": 8, "size": 32},
+}
+
+
+def spg_fit_figures(
+    device: torch.device, size: str = "paper", warmup: int = 2, iters: int = 5, precision: str = "fp32"
+) -> dict[str, float]:
+    """Milliseconds per SPG SAE step (with AuxK active) and per guide step on synthetic tokens of ``size``
+    (:data:`FIT_SIZES`), as the fit runs them (device-resident batches, fused Adam on CUDA)."""
+    from zsad_bench.methods._spg_sae import EMA, DeadLatentTracker, TopKSAE
+    from zsad_bench.methods.spg import SPG, _adam
+
+    z = FIT_SIZES[size]
+    grid = math.isqrt(z["tokens"])
+    gen = torch.Generator().manual_seed(0)
+    cfg = {"sae_width": z["width"], "sae_k": z["k"], "auxk": z["auxk"], "dead_window_tokens": 1}
+    det = SPG.__new__(SPG)
+    det.config = SPG.Config(**cfg)
+    with precision_context(precision):
+        x = torch.randn(z["sae_batch"], z["tokens"], z["dim"], generator=gen).to(device)
+        sae = TopKSAE(z["dim"], z["width"], z["k"], gen).to(device)
+        opt = _adam(list(sae.parameters()), 1e-3, (0.5, 0.999), device)
+        tracker = DeadLatentTracker(z["width"], 1, 1e-3, device)  # window 1 token: AuxK always on
+        dense = device.type == "cuda"
+        sae_ms = 1e3 * statistics.median(
+            time_fn(lambda: det._sae_step(sae, opt, tracker, x, dense), device, warmup, iters)
+        )
+        xg = torch.randn(z["guide_batch"], grid * grid, z["dim"], generator=gen).to(device)
+        gg = torch.randn(z["guide_batch"], z["dim"], generator=gen).to(device)
+        y = (torch.rand(z["guide_batch"], z["size"], z["size"], generator=gen) > 0.9).float().to(device)
+        labels = torch.arange(z["guide_batch"], device=device) % 2
+        raw = torch.full((4, z["width"]), 0.1, device=device, requires_grad=True)
+        gopt = _adam([raw], 0.01, (0.5, 0.999), device)
+        ema, atoms = EMA(0.999), sae.atoms().detach()
+        alive = torch.ones(z["width"], dtype=torch.bool, device=device)
+        batch = (xg, gg, y, labels)
+        guide_ms = 1e3 * statistics.median(
+            time_fn(lambda: det._guide_step(raw, gopt, ema, atoms, alive, batch, grid, grid), device, warmup, iters)
+        )
+    return {"sae_step_ms": sae_ms, "guide_step_ms": guide_ms}
+
+
+def _load_batch(backbone: Any, samples: Sequence[Any], n: int) -> torch.Tensor:
+    return torch.stack([backbone.preprocess(load_image(s.image_path)) for s in samples[:n]])
+
+
 def run_bench(spec: BenchSpec) -> dict[str, Any]:
-    """Time backbone, method and total for every dtype x batch size; returns the results document."""
+    """Time upstream, backbone, method, total and extraction for every dtype x batch size (and SPG's fit
+    steps); returns the results document."""
     for d in spec.dtypes:
         if d not in DTYPES:
             raise ZsadError(f"--dtype {d}: choose from {', '.join(DTYPES)}")
     runner = fitted_runner(spec)
     spec.backbone = runner.backbone_name
-    device, backbone, detector = runner.device, runner.backbone, runner.detector
+    device, detector = runner.device, runner.detector
     samples = open_datasets(("synthetic:objects",), None, "test", "target").samples
-    images = torch.stack([backbone.preprocess(load_image(s.image_path)) for s in samples[: max(spec.batch_sizes)]])
+    images = _load_batch(runner.backbone, samples, max(spec.batch_sizes))
+    layers = runner.cls.feature_layers
     rows = []
     for dtype in spec.dtypes:
-        autocast = torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+        backbone = precision_backbone(runner.backbone, "bf16", device) if dtype == "bf16" else runner.backbone
+        in_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        autocast = torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype == "fp16" else contextlib.nullcontext()
+        upstream = plain_forward(backbone)
         for bs in spec.batch_sizes:
             reps = -(-bs // len(images))
-            x = images.repeat(reps, 1, 1, 1)[:bs].to(device)
-            if device.type == "cuda":
+            x = images.repeat(reps, 1, 1, 1)[:bs].to(device, in_dtype)
+            if device.type == "cuda" and getattr(backbone, "channels_last", False):
                 x = x.contiguous(memory_format=torch.channels_last)
-                torch.cuda.reset_peak_memory_stats(device)
             batch_samples = (samples * reps)[:bs]
+            measured: dict[str, tuple[list[float], float]] = {}
             with torch.inference_mode(), autocast:
-                feats = backbone.forward_features(x, runner.cls.feature_layers)
+                feats = backbone.forward_features(x, layers)
 
-                def backbone_fn(x=x):
-                    return backbone.forward_features(x, runner.cls.feature_layers)
+                def backbone_fn(x=x, bb=backbone):
+                    return bb.forward_features(x, layers)
 
+                if upstream is not None:
+                    measured["upstream"] = timed(functools.partial(upstream, x), device, spec.warmup, spec.iters)
+                measured["backbone"] = timed(backbone_fn, device, spec.warmup, spec.iters)
                 if runner.cls.needs_images:
 
                     def total_fn(x=x, s=batch_samples):
                         return detector.predict(Batch(s, None, images=x))
 
-                    method_times = None
                 else:
 
                     def method_fn(f=feats, s=batch_samples):
@@ -158,15 +325,26 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
                     def total_fn(x=x, s=batch_samples):
                         return detector.predict(Batch(s, backbone_fn(x)))
 
-                    method_times = time_fn(method_fn, device, spec.warmup, spec.iters)
-                backbone_times = time_fn(backbone_fn, device, spec.warmup, spec.iters)
-                total_times = time_fn(total_fn, device, spec.warmup, spec.iters)
-            rows.append(_row(spec, device, dtype, bs, "backbone", backbone_times))
-            if method_times is not None:
-                rows.append(_row(spec, device, dtype, bs, "method", method_times))
-            total = _row(spec, device, dtype, bs, "total", total_times)
-            total["overhead_vs_backbone"] = statistics.fmean(total_times) / statistics.fmean(backbone_times) - 1.0
-            rows.append(total)
+                    measured["method"] = timed(method_fn, device, spec.warmup, spec.iters)
+                measured["total"] = timed(total_fn, device, spec.warmup, spec.iters)
+            for component, (times, peak) in measured.items():
+                rows.append(_row(spec, device, dtype, bs, component, times, peak))
+            rows[-1]["overhead_vs_backbone"] = (
+                statistics.fmean(measured["total"][0]) / statistics.fmean(measured["backbone"][0]) - 1.0
+            )
+            if spec.extraction_images and not runner.cls.needs_images and dtype != "fp16":
+                n = max(spec.extraction_images, bs)
+                files = (samples * -(-n // len(samples)))[:n]
+                precision = "bf16" if dtype == "bf16" else "fp32"
+                secs, peak = extraction_figure(runner.backbone, files, layers, bs, precision, device)
+                row = _row(spec, device, dtype, bs, "extraction", [secs / n * bs], peak)
+                rows.append(row)
+    fit = None
+    if spec.fit_size and runner.cls.name in ("spg", "spg-topk"):
+        mem = PeakMemory(device)
+        mem.start()
+        fit = spg_fit_figures(device, spec.fit_size, warmup=1, iters=max(2, min(spec.iters, 5)))
+        fit.update(size=spec.fit_size, peak_mem_mb=mem.peak_mb())
     return {
         "schema": SCHEMA,
         "kind": "bench",
@@ -179,6 +357,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         "versions": package_versions(),
         "git_commit": git_commit(),
         "rows": rows,
+        "fit": fit,
     }
 
 

@@ -22,7 +22,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights")
     p.add_argument("--image-size", type=int)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--dtype", nargs="+", default=["fp32"], help="fp32, bf16, fp16 (autocast)")
+    p.add_argument("--dtype", nargs="+", default=["fp32"], help="fp32, bf16 (bf16 weights), fp16 (autocast)")
+    p.add_argument(
+        "--extraction-images",
+        type=int,
+        default=32,
+        help="images decoded and extracted per extraction row (0: no extraction rows; default 32)",
+    )
+    p.add_argument(
+        "--fit-size",
+        choices=("paper", "small", "none"),
+        default="none",
+        help="SPG: time one SAE and one guide step on synthetic tokens at the paper's sizes or small ones",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=10)
@@ -51,10 +63,18 @@ def _bench(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         run=args.run,
         progress=not args.quiet,
+        extraction_images=args.extraction_images,
+        fit_size=None if args.fit_size == "none" else args.fit_size,
     )
     doc = run_bench(spec)
     out = args.out or default_bench_path(doc)
     atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
     print(render_bench([doc], "md"))
+    if doc.get("fit"):
+        fit = doc["fit"]
+        print(
+            f"\nSPG fit steps ({fit['size']} sizes): SAE {fit['sae_step_ms']:.2f} ms/step, "
+            f"guides {fit['guide_step_ms']:.2f} ms/step, peak {fit['peak_mem_mb']:.0f} MB"
+        )
     print(f"\nbench results written to {out}")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench.errors import ZsadError
+from zsad_bench.presets import PRESETS
 from zsad_bench.protocols import NAMED
 
 
@@ -52,5 +53,30 @@ def add_run_arguments(p: argparse.ArgumentParser, method_required: bool = True) 
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for feature extraction")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        help="DataLoader workers decoding images (default: from the CPU count; 0: decode in the main process)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="paper",
+        help="paper (default): the method at its paper's backbone, size, layers and per-dataset options; "
+        "matched: on the --backbone/--image-size being compared; control: a method's floor variant (spg: "
+        "untrained guides). --backbone, --image-size and --set override it; zsad-bench list methods --details M",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines")
+    # --- precision policy (issue #13; zsad_bench.features) -------------------------------------------
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "tf32", "bf16"),
+        default="fp32",
+        help="feature extraction and fit precision: fp32 (default, as the SPG release), tf32 (TF32 matmuls on "
+        "CUDA), bf16 (bf16 backbone weights, float16 cache); recorded, and part of every cache and fit key",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic CUDA algorithms (bitwise repeatable GPU runs, slower; recorded)",
+    )

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench.cli.common import add_run_arguments, parse_set, split_csv
+from zsad_bench.errors import ZsadError
+from zsad_bench.viz import NEEDS_MAPS
 
 
 class SetAlias(argparse.Action):
@@ -29,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "every target category and write results/runs/<id>.json (+ .csv). Re-running reuses cached features and "
         "fitted checkpoints.",
     )
-    add_run_arguments(p)
+    add_run_arguments(p, method_required=False)  # --method may come from --config
     p.add_argument("--eval-size", type=int, help="resolution of pixel metrics (default: the input size S)")
     p.add_argument("--out", "-o", type=Path, help="results JSON path (default: results/runs/<run-id>.json)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run written to --out")
@@ -43,11 +45,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="alias of --set aggregation=NAME (SPG: image score from the map: max, mean or lse)",
     )
     p.add_argument("--tau", action=SetAlias, option="agg_tau", metavar="T", help="alias of --set agg_tau=T")
+    p.add_argument(
+        "--save-maps",
+        type=int,
+        nargs="?",
+        const=256,
+        metavar="SIZE",
+        help="also save the anomaly maps (fp16, compressed, SIZE x SIZE, default 256) in <results>.maps/; the size "
+        f"is printed first. {NEEDS_MAPS}",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.toml",
+        help="run options from a TOML file (keys: these options' names, e.g. method, backbone, set.sigma); "
+        "options given on the command line override it",
+    )
     p.set_defaults(func=_run)
 
 
 def spec_from_args(args: argparse.Namespace):
-    """A RunSpec from the shared run options."""
+    """A RunSpec from the run command's options (also used by sweeps, with every option present)."""
     from zsad_bench.runner import RunSpec
 
     protocol = args.protocol if (args.protocol or args.target) else "synthetic"
@@ -64,12 +82,21 @@ def spec_from_args(args: argparse.Namespace):
         shots=args.shots,
         seeds=args.seed,
         method_config=parse_set(args.set),
+        preset=args.preset,
         weights=args.weights,
         image_size=args.image_size,
+        eval_size=args.eval_size,
         device=args.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        precision=args.precision,
+        deterministic=args.deterministic,
+        out=args.out,
+        resume=args.resume,
+        label=args.label,
         progress=not args.quiet,
+        use_cache=not args.no_cache,
+        save_maps=args.save_maps,
     )
 
 
@@ -77,13 +104,16 @@ def _run(args: argparse.Namespace) -> int:
     from zsad_bench.runner import run_experiment
     from zsad_bench.tables import load_results, render_summary
 
-    spec = spec_from_args(args)
-    spec.eval_size = args.eval_size
-    spec.out = args.out
-    spec.resume = args.resume
-    spec.label = args.label
-    spec.use_cache = not args.no_cache
-    _, path = run_experiment(spec)
+    if args.config:
+        from zsad_bench.sweep.config import apply_run_config
+
+        apply_run_config(args, args.config)
+    elif not args.method:
+        raise ZsadError("--method is required (or method = ... in a --config file); see zsad-bench list methods")
+    result, path = run_experiment(spec_from_args(args))
     print(render_summary(load_results([path]), "md"))
     print(f"\nresults written to {path}; every metric and a LaTeX version: zsad-bench table {path} [--format latex]")
+    print(f"look at them: zsad-bench show {path} --category {result.records[0].category}   (overlay grid, PNG)")
+    print(f"              zsad-bench plot {path}   (curves, bars, histograms: PNG + PDF)")
+    print(f"              zsad-bench report {path} -o {path.with_suffix('.html')}   (one HTML file, opens offline)")
     return 0

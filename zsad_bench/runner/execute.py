@@ -18,8 +18,9 @@ from zsad_bench.detector import LearningType
 from zsad_bench.errors import ZsadError
 from zsad_bench.results import CategoryRecord, FitRecord, RunResult
 from zsad_bench.runner.plan import Node, Plan, WorkItem, open_datasets
-from zsad_bench.runner.session import Session, image_records, summary_of
+from zsad_bench.runner.session import Log, Session, image_records, summary_of
 from zsad_bench.runner.store import RecordStore
+from zsad_bench.viz.maps import MapWriter
 
 
 class Executor:
@@ -99,7 +100,7 @@ class Executor:
         test = ds.select([item.category], "test").samples
         if not test:
             raise ZsadError(f"{ds.root}: category '{item.category}' has no test images")
-        metrics, scored = self.session.evaluate(test, item.category)
+        metrics, scored = self.session.evaluate(test, item.category, (item.seed, item.leg, item.category))
         record = CategoryRecord(
             item.seed, item.target, item.category, len(test), metrics, time.perf_counter() - t0, item.leg
         )
@@ -107,6 +108,10 @@ class Executor:
 
     def run(self, items: Sequence[WorkItem]) -> None:
         todo = list(items)
+        size = self.plan.spec.save_maps
+        if size and todo and self.session.map_writer is None:
+            n_images = sum(len(self.dataset(i.target).select([i.category], "test")) for i in todo)
+            self.session.map_writer = MapWriter.open(self.store.path, size, n_images, Log(True))  # even with -q
         if self.plan.spec.progress and todo:
             from tqdm.auto import tqdm
 

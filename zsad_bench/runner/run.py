@@ -16,6 +16,7 @@ from typing import Any
 from zsad_bench import locks
 from zsad_bench.detector import Detector
 from zsad_bench.errors import ZsadError
+from zsad_bench.features import feature_key_parts
 from zsad_bench.metrics import METRICS
 from zsad_bench.protocols import Leg
 from zsad_bench.provenance import device_description, git_commit, package_versions
@@ -82,6 +83,9 @@ def run_options(session: Session) -> dict[str, Any]:
         "categories": spec.categories,
         "shots": r.shots,
         "batch_size": spec.batch_size,
+        "precision": spec.precision,
+        "deterministic": spec.deterministic,
+        "feature_key": feature_key_parts(session.backbone, spec.precision, session.device),
         "layers": None if session.layers is None else list(session.layers),
         "legs": [dataclasses.asdict(leg) for leg in r.legs],
     }
@@ -172,6 +176,7 @@ def load_fitted(
         backbone_kwargs=backbone_kwargs or {},
         weights=run.get("weights"),
         image_size=run.get("image_size"),
+        precision=run.get("precision", "fp32"),
         device=device,
         progress=False,
     )

@@ -37,7 +37,14 @@ from zsad_bench.detector import (
     plugin_call,
 )
 from zsad_bench.errors import ZsadError
-from zsad_bench.features import FeatureCache, extract_features
+from zsad_bench.features import (
+    FeatureCache,
+    check_precision,
+    default_num_workers,
+    extract_features,
+    feature_key_parts,
+    set_deterministic,
+)
 from zsad_bench.metrics import METRICS, MetricAccumulator
 from zsad_bench.paths import cache_dir
 from zsad_bench.presets import ResolvedSettings
@@ -46,6 +53,8 @@ from zsad_bench.results import ImageRecord
 from zsad_bench.runner.checkpoints import SUFFIX, load_checkpoint, save_checkpoint
 from zsad_bench.runner.spec import AUX_SPLITS, RunSpec, check_learning_type, resolve_device, seed_everything
 from zsad_bench.source import FeatureSource
+from zsad_bench.viz.maps import MapWriter
+from zsad_bench.viz.maps import check_size as check_map_size
 
 
 class Log:
@@ -131,6 +140,11 @@ class Session:
     def __init__(self, spec: RunSpec, log: Callable[[str], None] | None = None) -> None:
         self.spec = spec
         self.log = log or Log(spec.progress)
+        check_precision(spec.precision)
+        set_deterministic(spec.deterministic)
+        if spec.save_maps is not None:
+            check_map_size(spec.save_maps)
+        self.map_writer: MapWriter | None = None  # set by the executor for --save-maps
         self.resolved = resolve(spec)
         self.cls = self.resolved.cls
         self.backbone_name = self.resolved.backbone_name
@@ -162,7 +176,10 @@ class Session:
         """A DataSource over ``samples``: cached features, or preprocessed images for ``needs_images``."""
         pre = self.backbone.preprocess
         if self.cls.needs_images:
-            return FeatureSource(samples, self.image_size, None, load_mask, lambda s: pre(load_image(s.image_path)))
+            workers = self.spec.num_workers
+            if workers is None:
+                workers = default_num_workers(len(samples), self.spec.batch_size)
+            return FeatureSource(samples, self.image_size, None, load_mask, _Preprocessed(pre), num_workers=workers)
         store = extract_features(
             self.backbone,
             samples,
@@ -172,6 +189,7 @@ class Session:
             num_workers=self.spec.num_workers,
             device=self.device,
             progress=self.spec.progress,
+            precision=self.spec.precision,
         )
         return FeatureSource(samples, self.image_size, store.get, load_mask)
 
@@ -180,8 +198,9 @@ class Session:
         """Checkpoint of a fit: keyed by method, fit-relevant config, backbone, training data, seed, aux split."""
         skip = inference_options(self.cls)
         fit_config = {k: v for k, v in self.method_config.items() if k not in skip}
+        features = feature_key_parts(self.backbone, self.spec.precision, self.device)
         key = json.dumps(
-            [self.cls.name, fit_config, self.backbone.identity, data_fp, seed, self.spec.aux_split],
+            [self.cls.name, fit_config, self.backbone.identity, features, data_fp, seed, self.spec.aux_split],
             sort_keys=True,
             default=str,
         )
@@ -234,8 +253,14 @@ class Session:
         return True
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self, samples: list[Sample], desc: str) -> tuple[dict[str, float], list[tuple[Sample, float]]]:
-        """Predict ``samples``: every metric (fractions; NaN where undefined) and each image's score."""
+    def evaluate(
+        self, samples: list[Sample], desc: str, maps_key: tuple[int, str, str] | None = None
+    ) -> tuple[dict[str, float], list[tuple[Sample, float]]]:
+        """Predict ``samples``: every metric (fractions; NaN where undefined) and each image's score.
+
+        With a map writer and ``maps_key`` (seed, leg, category) the maps are saved too (``--save-maps``).
+        """
+        writer = self.map_writer if maps_key is not None else None
         acc = MetricAccumulator(tuple(METRICS), label=desc)
         source = self.source(samples)
         scored: list[tuple[Sample, float]] = []
@@ -250,6 +275,8 @@ class Session:
                         maps[:, None], size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False
                     )[:, 0]
                 masks = np.stack([load_mask(s, self.eval_size) for s in batch.samples])
+                if writer is not None:
+                    writer.add(*maps_key, [str(s.image_path) for s in batch.samples], maps, masks)
                 scores = pred.scores.detach().float().cpu().numpy()
                 acc.update(
                     maps.cpu().numpy(),
@@ -259,6 +286,8 @@ class Session:
                     [str(s.image_path) for s in batch.samples],
                 )
                 scored += list(zip(batch.samples, scores.tolist(), strict=True))
+        if writer is not None:
+            writer.close_category(*maps_key)
         return acc.compute(), scored
 
     def reference_samples(self, category: Dataset, seed: int) -> list[Sample]:
@@ -272,6 +301,16 @@ class Session:
             )
         idx = sorted(np.random.default_rng(seed).choice(len(normals), size=k, replace=False).tolist())
         return [normals[i] for i in idx]
+
+
+class _Preprocessed:
+    """Image getter for ``needs_images`` methods: load + the backbone's preprocessing (picklable for workers)."""
+
+    def __init__(self, preprocess: Callable[[Any], torch.Tensor]) -> None:
+        self.preprocess = preprocess
+
+    def __call__(self, sample: Sample) -> torch.Tensor:
+        return self.preprocess(load_image(sample.image_path))
 
 
 def image_records(seed: int, leg: str, target: str, scored: list[tuple[Sample, float]]) -> list[ImageRecord]:

@@ -42,12 +42,15 @@ class RunSpec:
     eval_size: int | None = None
     device: str = "auto"
     batch_size: int = 8
-    num_workers: int = 0
+    num_workers: int | None = None  # None: from the CPU count (zsad_bench.features.default_num_workers)
+    precision: str = "fp32"
+    deterministic: bool = False
     out: Path | None = None
     resume: bool = False
     label: str | None = None
     progress: bool = True
     use_cache: bool = True
+    save_maps: int | None = None  # also save anomaly maps at this size beside the results (zsad_bench.viz.maps)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (paths as strings); ``backbone_kwargs`` must hold plain values."""

@@ -77,7 +77,11 @@ def run_actions() -> dict[str, argparse.Action]:
     parser = argparse.ArgumentParser(add_help=False)
     run_cli.add_parser(parser.add_subparsers(dest="command"))
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return {a.dest: a for a in sub.choices["run"]._actions if a.dest not in NOT_OPTIONS}
+    from zsad_bench.cli.run import SetAlias
+
+    # --aggregation / --tau are aliases of --set (dest "set"): a config file writes set.aggregation
+    actions = sub.choices["run"]._actions
+    return {a.dest: a for a in actions if a.dest not in NOT_OPTIONS and not isinstance(a, SetAlias)}
 
 
 def _scalar(value: Any, action: argparse.Action, where: str) -> Any:

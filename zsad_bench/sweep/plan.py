@@ -242,16 +242,7 @@ def spec_from_options(options: dict[str, Any]) -> Any:
     from zsad_bench.cli.run import spec_from_args
 
     actions = run_actions()
-    ns = argparse.Namespace(**({dest: a.default for dest, a in actions.items()} | options))
-    spec = spec_from_args(ns)
-    if ns.aggregation is not None:
-        spec.method_config["aggregation"] = ns.aggregation
-    if ns.tau is not None:
-        spec.method_config["agg_tau"] = str(ns.tau)
-    spec.eval_size = ns.eval_size
-    spec.label = ns.label
-    spec.use_cache = not ns.no_cache
-    return spec
+    return spec_from_args(argparse.Namespace(**({dest: a.default for dest, a in actions.items()} | options)))
 
 
 def resolve(variant: Variant, where: Any) -> tuple[Any, dict[str, Any]]:
@@ -274,15 +265,17 @@ def resolve(variant: Variant, where: Any) -> tuple[Any, dict[str, Any]]:
         config = dataclasses.asdict(parse_overrides(cls, spec.method_config))
     except ZsadError as exc:
         raise ZsadError(f"{where('set')}: {exc}") from None
-    image_size = spec.image_size
-    if image_size is None and spec.backbone in (None, cls.default_backbone):
-        image_size = cls.default_image_size
+    from zsad_bench.runner.session import resolve as resolve_run
+
+    settings = resolve_run(spec).settings  # the preset's backbone, size and layers, as the runner resolves them
     resolved = {
         f.name: getattr(spec, f.name)
         for f in dataclasses.fields(spec)
         if f.name not in ("out", "resume", "progress", "device", "num_workers", "label", "method_config")
     }
-    resolved.update(method=cls.name, backbone=spec.backbone or cls.default_backbone, image_size=image_size)
+    layers = settings.layers or cls.feature_layers
+    resolved.update(method=cls.name, backbone=settings.backbone, image_size=settings.image_size)
+    resolved.update(layers=list(layers) if layers else None)
     resolved["method_config"] = config
     return spec, json.loads(json.dumps(resolved, sort_keys=True, default=str))
 
@@ -357,7 +350,7 @@ def make_plan(points: list[Point], fill_shard: int = DEFAULT_FILL_SHARD) -> Plan
         }
         keys = []
         if not cls.needs_images and spec.use_cache:
-            feat = {**backbone, "layers": list(cls.feature_layers) if cls.feature_layers else None}
+            feat = {**backbone, "layers": r["layers"], "precision": r["precision"]}
             for dataset, samples in _point_data(spec):
                 key = _digest([feat, dataset])
                 # the runner's extraction batch size, so a point's features do not depend on who extracted them
@@ -404,13 +397,19 @@ def shard_stages(key: str, feat: dict[str, Any], units: list[list[Any]], shards:
 
 
 def feature_spec(method: str | None, backbone: str, image_size: int | None, weights: str | None) -> dict[str, Any]:
-    """The feature-cache group a method's points read: backbone, resolved image size, layers."""
+    """The feature-cache group a method's points read: backbone, resolved image size, layers (paper preset)."""
+    from zsad_bench import presets
     from zsad_bench.detector import get_method_class
 
     layers = None
     if method:
-        cls = get_method_class(method)
-        layers = list(cls.feature_layers) if cls.feature_layers else None
-        if image_size is None and backbone == cls.default_backbone:
-            image_size = cls.default_image_size
-    return {"backbone": backbone, "image_size": image_size, "weights": weights, "backbone_kwargs": {}, "layers": layers}
+        settings = presets.resolve(get_method_class(method), "paper", None, backbone, None, image_size)
+        image_size, layers = settings.image_size, list(settings.layers) if settings.layers else None
+    return {
+        "backbone": backbone,
+        "image_size": image_size,
+        "weights": weights,
+        "backbone_kwargs": {},
+        "layers": layers,
+        "precision": "fp32",
+    }

@@ -121,6 +121,7 @@ def fill_shard(payload: dict[str, Any]) -> dict[str, Any]:
                 batch_size=int(payload["batch_size"]),
                 device=device,
                 progress=False,
+                precision=payload.get("precision", "fp32"),
             )
             computed, cached = computed + store.misses, cached + store.hits
     print(f"cache fill {payload['dataset']} shard {payload['shard']}: {computed} computed, {cached} cached")
