@@ -245,13 +245,16 @@ def test_realmini_protocol_both_directions_beat_control(realmini: Path, tmp_path
 
 
 def spg_cli(argv: list[str]) -> object:
-    """Parse ``argv`` with the SPG command module alone (as ``zsad-bench`` does) and run it."""
+    """Parse ``argv`` with SPG's command modules (``atoms`` from the method, ``ablate``) and run it."""
     import argparse
 
-    from zsad_bench.cli import spg as spg_commands
+    from zsad_bench.cli import ablate
+    from zsad_bench.methods import spg_commands
 
     parser = argparse.ArgumentParser(prog="zsad-bench")
-    spg_commands.add_parser(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    spg_commands.add_parser(sub)
+    ablate.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -259,7 +262,7 @@ def spg_cli(argv: list[str]) -> object:
 def test_ablation_points_encode_the_sweep() -> None:
     import argparse
 
-    from zsad_bench.cli.spg import ablation_points, add_parser
+    from zsad_bench.cli.ablate import ablation_points, add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
