@@ -34,17 +34,28 @@ def tiny() -> dict:
     }
 
 
-def test_all_five_registered_with_size_and_source() -> None:
+def test_all_registered_with_size_and_source() -> None:
     specs = {s.name: s for s in list_backbones()}
-    assert {n: specs[n].image_size for n in ("dinov3", "dinov2", "openclip", "siglip", "effnet-lite0")} == {
+    assert {n: s.image_size for n, s in specs.items()} == {
         "dinov3": 448,
         "dinov2": 448,
+        "dinov2-vits14": 448,
+        "dinov2-vitb14": 448,
         "openclip": 518,
+        "openclip-vitb16plus": 240,
         "siglip": 448,
         "effnet-lite0": 224,
     }
     assert "dinov3-vitl16-pretrain-lvd1689m" in specs["dinov3"].source and "openai" in specs["openclip"].source
-    assert [n for n, s in specs.items() if s.has_text] == ["openclip"]
+    assert "ViT-B-16-plus-240" in specs["openclip-vitb16plus"].source
+    assert "laion400m_e31" in specs["openclip-vitb16plus"].source
+    assert specs["dinov2-vits14"].source.endswith("facebook/dinov2-small")
+    assert specs["dinov2-vitb14"].source.endswith("facebook/dinov2-base")
+    assert [n for n, s in specs.items() if s.has_text] == ["openclip", "openclip-vitb16plus"]
+    blocks = {n: s.capabilities.num_blocks for n, s in specs.items()}
+    assert blocks == {n: 12 if n in ("dinov2-vits14", "dinov2-vitb14", "openclip-vitb16plus") else 24 for n in specs} | {
+        "effnet-lite0": None
+    }
 
 
 def test_dinov2_raw_last_block_without_cls(tiny) -> None:
@@ -68,7 +79,10 @@ def test_dinov2_raw_last_block_without_cls(tiny) -> None:
 def test_dinov3_post_norm_tokens_registers_removed(tiny) -> None:
     b = tiny["dinov3"]
     x = images(448)
-    feats = b.forward_features(x, ["2", "1"])
+    feats = b.forward_features(x, ["2:norm", "1"])
+    assert b.default_layers == ("2:norm",)  # SPG's final-normed tokens (the release's last_hidden_state)
+    assert torch.equal(b.forward_features(x).layer(), feats.patches["2:norm"])
+    feats.patches["2"] = feats.patches.pop("2:norm")
     assert feats.patches["2"].shape == (2, 28, 28, 32)
     out = b.model(pixel_values=x, output_hidden_states=True)
     assert out.last_hidden_state.shape[1] == 1 + 4 + 28 * 28
@@ -87,7 +101,8 @@ def test_dinov3_post_norm_tokens_registers_removed(tiny) -> None:
 def test_siglip_post_layernorm_interpolated(tiny) -> None:
     b = tiny["siglip"]
     x = images(448)
-    feats = b.forward_features(x, ["2", "1"])
+    feats = b.forward_features(x, ["2:norm", "1"])
+    feats.patches["2"] = feats.patches.pop("2:norm")
     assert feats.patches["2"].shape == (2, 28, 28, 32)  # 24x24 table -> 28x28
     out = b.model(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True)
     assert out.hidden_states[2].shape[1] == 28 * 28  # no CLS in SigLIP
@@ -121,12 +136,16 @@ def bilinear_reference(table: np.ndarray, new: int) -> np.ndarray:
 def test_openclip_projected_tokens_match_open_clip(tiny) -> None:
     b = tiny["openclip"]
     x = images(518)
-    feats = b.forward_features(x, ["2", "1"])
-    assert feats.patches["2"].shape == (2, 37, 37, 16) and b.embed_dim == 16 and b.grid_size == 37
+    feats = b.forward_features(x, ["2:proj", "1:proj", "1:norm", "1"])
+    assert feats.patches["2:proj"].shape == (2, 37, 37, 16) and b.embed_dim == 16 and b.grid_size == 37
+    assert b.default_layers == ("2:proj",)
     v = b.model.visual
     out = v.forward_intermediates(x, indices=[0, 1], output_fmt="NLC")
-    for layer, tokens in zip(("1", "2"), out["image_intermediates"], strict=True):
+    for layer, tokens in zip(("1:proj", "2:proj"), out["image_intermediates"], strict=True):
         torch.testing.assert_close(feats.patches[layer], (v.ln_post(tokens) @ v.proj).reshape(2, 37, 37, -1), **TOL)
+    raw = out["image_intermediates"][0].reshape(2, 37, 37, -1)
+    torch.testing.assert_close(feats.patches["1"], raw, **TOL)
+    torch.testing.assert_close(feats.patches["1:norm"], v.ln_post(raw), **TOL)
     torch.testing.assert_close(feats.global_token, out["image_features"], **TOL)
     torch.testing.assert_close(feats.global_token, b.model.encode_image(x), **TOL)
 
@@ -251,6 +270,8 @@ def test_bad_sizes_and_layers(tiny) -> None:
         create_backbone("dinov2", config=tiny_config("dinov2"), image_size=450)
     with pytest.raises(ZsadError, match=r"block indices 1\.\.2"):
         tiny["siglip"].forward_features(images(448, 1), ["24"])
+    with pytest.raises(ZsadError, match=r'block indices 1\.\.2 as "N", "N:norm"$'):
+        tiny["dinov2"].forward_features(images(448, 1), ["2:proj"])
     with pytest.raises(ZsadError, match="518px"):
         tiny["openclip"].forward_features(images(224, 1))
     with pytest.raises(ZsadError, match="no tiny config"):
