@@ -53,9 +53,9 @@ def test_all_registered_with_size_and_source() -> None:
     assert specs["dinov2-vitb14"].source.endswith("facebook/dinov2-base")
     assert [n for n, s in specs.items() if s.has_text] == ["openclip", "openclip-vitb16plus"]
     blocks = {n: s.capabilities.num_blocks for n, s in specs.items()}
-    assert blocks == {n: 12 if n in ("dinov2-vits14", "dinov2-vitb14", "openclip-vitb16plus") else 24 for n in specs} | {
-        "effnet-lite0": None
-    }
+    assert blocks == {
+        n: 12 if n in ("dinov2-vits14", "dinov2-vitb14", "openclip-vitb16plus") else 24 for n in specs
+    } | {"effnet-lite0": None}
 
 
 def test_dinov2_raw_last_block_without_cls(tiny) -> None:

@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from zsad_bench.backbones import create_backbone
+from zsad_bench.backbones import BACKBONES, create_backbone
 from zsad_bench.backbones.base import Backbone, Features, Preprocess
 from zsad_bench.backbones.testing import tiny_config
 from zsad_bench.data.records import Sample
-from zsad_bench.detector import Batch, create_method, list_methods
+from zsad_bench.detector import Batch, create_method, get_method_class, list_methods
 from zsad_bench.errors import ZsadError
 from zsad_bench.methods.winclip import (
     anomaly_probability,
-    clip_embed,
-    clip_pool,
     harmonic_aggregation,
     prompt_ensemble,
     window_indices,
@@ -98,11 +96,10 @@ def test_anomaly_probability_hand_case():
     torch.testing.assert_close(out, expected)
 
 
-def test_clip_embed_and_pool_reproduce_open_clip_image_embedding():
+def test_tower_embed_and_pool_reproduce_open_clip_image_embedding():
     bb = tiny_clip()
     x = torch.randn(2, 3, 56, 56)
-    visual = bb.model.visual
-    ours = clip_pool(visual, visual.transformer(clip_embed(visual, x)))
+    ours = bb.tower.pool(bb.tower.run_blocks(bb.tower.embed(x)))
     torch.testing.assert_close(ours, bb.model.encode_image(x), atol=1e-5, rtol=1e-5)
 
 
@@ -135,6 +132,9 @@ def test_registration_and_backbone_restriction():
     assert "winclip" in list_methods(learning_type="training-free")
     with pytest.raises(ZsadError, match="openclip"):
         create_method("winclip", _NoText())
+    cls = get_method_class("winclip")
+    assert cls.default_backbone == "openclip-vitb16plus"  # the paper's and anomalib's ViT-B-16-plus-240
+    assert BACKBONES.get("openclip-vitb16plus").image_size == 240  # 15x15 patches of 16 px
 
 
 class _NoText(Backbone):
@@ -142,7 +142,6 @@ class _NoText(Backbone):
     source = "test"
     patch_size = 8
     embed_dim = 4
-    default_layers = ("last",)
     preprocess = Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
     def forward_features(self, images: torch.Tensor, layers=None) -> Features:
