@@ -277,3 +277,75 @@ def test_bad_sizes_and_layers(tiny) -> None:
     with pytest.raises(ZsadError, match="no tiny config"):
         tiny_config("effnet-lite0")
     assert json.dumps(tiny_config("openclip"))  # plain dict, safe to copy into other configs
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("dinov2-vits14", 12), ("dinov2-vitb14", 12)])
+def test_dinov2_variants_match_hf_forward_with_norm_layers(name, blocks) -> None:
+    """Same code path as ``dinov2`` (upstream Dinov2Model); ``"N:norm"`` = final LayerNorm of block N's output."""
+    torch.manual_seed(4)
+    b = create_backbone(name, config=tiny_config(name), image_size=56)
+    assert b.name == name and b.identity.startswith(f"{name}@56:random-")
+    assert b.capabilities.num_blocks == 2 and b.default_layers == ("2",)  # declared 12, tiny config has 2
+    assert list_backbones(name)[0].capabilities.num_blocks == blocks
+    x = images(56)
+    feats = b.forward_features(x, ["1", "1:norm", "2:norm"])
+    out = b.model(pixel_values=x, output_hidden_states=True)
+    raw1 = out.hidden_states[1][:, 1:].reshape(2, 4, 4, -1)
+    torch.testing.assert_close(feats.patches["1"], raw1, **TOL)
+    torch.testing.assert_close(feats.patches["1:norm"], b.model.layernorm(raw1), **TOL)
+    torch.testing.assert_close(feats.patches["2:norm"], out.last_hidden_state[:, 1:].reshape(2, 4, 4, -1), **TOL)
+
+
+def test_openclip_vitb16plus_matches_open_clip_forward() -> None:
+    """ViT-B-16-plus-240 architecture (patch 16, plain GELU, 15x15 native grid): tokens and text as open_clip's."""
+    torch.manual_seed(5)
+    b = create_backbone("openclip-vitb16plus", config=tiny_config("openclip-vitb16plus"))
+    assert b.image_size == 240 and b.grid_size == 15 and b.default_layers == ("2:proj",)
+    x = images(240)
+    feats = b.forward_features(x, ["2:proj", "1"])
+    v = b.model.visual
+    out = v.forward_intermediates(x, indices=[0, 1], output_fmt="NLC")
+    torch.testing.assert_close(feats.patches["1"], out["image_intermediates"][0].reshape(2, 15, 15, -1), **TOL)
+    last = out["image_intermediates"][1]
+    torch.testing.assert_close(feats.patches["2:proj"], (v.ln_post(last) @ v.proj).reshape(2, 15, 15, -1), **TOL)
+    torch.testing.assert_close(feats.global_token, b.model.encode_image(x), **TOL)
+    texts = ["a photo of a damaged screw"]
+    torch.testing.assert_close(b.encode_text(texts), b.model.encode_text(open_clip.tokenize(texts)), **TOL)
+
+
+def test_openclip_variant_weights_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(ZsadError) as err:
+        create_backbone("openclip-vitb16plus")
+    msg = str(err.value)
+    assert "timm/vit_base_patch16_plus_clip_240.laion400m_e31" in msg and "laion400m_e31" in msg and "\n" not in msg
+    clip_cache = tmp_path / "home" / ".cache" / "clip"
+    clip_cache.mkdir(parents=True)
+    (clip_cache / "ViT-L-14-336px.pt").write_bytes(b"not this one")
+    with pytest.raises(ZsadError, match=r"vit_b_16_plus_240-laion400m_e31-8fb26589\.pt"):
+        create_backbone("openclip-vitb16plus")
+    torch.manual_seed(6)
+    src = open_clip.CLIP(**copy.deepcopy(tiny_config("openclip-vitb16plus"))).eval()
+    torch.save(src.state_dict(), clip_cache / "vit_b_16_plus_240-laion400m_e31-8fb26589.pt")
+    from zsad_bench.backbones.openclip import find_checkpoint
+
+    assert find_checkpoint(None, "openclip-vitb16plus") == clip_cache / "vit_b_16_plus_240-laion400m_e31-8fb26589.pt"
+
+
+def test_registered_names_are_file_and_ablation_safe() -> None:
+    """Names go into run ids and cache folders and precede ':' in NAME:SIZE ablations."""
+    import re
+
+    from zsad_bench.backbones import register_backbone
+    from zsad_bench.backbones.base import NAME_PATTERN
+
+    for spec in list_backbones():
+        assert NAME_PATTERN.fullmatch(spec.name) and ":" not in spec.name and "/" not in spec.name
+        name, _, size = f"{spec.name}:336".partition(":")
+        assert name == spec.name and size == "336"
+    for bad in ("open:clip", "ViT/B", ""):
+        with pytest.raises(ZsadError, match="file names"):
+            register_backbone(bad, 224, "x", list_backbones("effnet-lite0")[0].capabilities)
+    assert re.fullmatch(NAME_PATTERN, "dinov2-vits14")
