@@ -88,6 +88,8 @@ def test_dinov3_post_norm_tokens_registers_removed(tiny) -> None:
     assert out.last_hidden_state.shape[1] == 1 + 4 + 28 * 28
     torch.testing.assert_close(feats.patches["2"], out.last_hidden_state[:, 5:].reshape(2, 28, 28, -1), **TOL)
     torch.testing.assert_close(feats.patches["1"], out.hidden_states[1][:, 5:].reshape(2, 28, 28, -1), **TOL)
+    one_norm = b.forward_features(x, ["1:norm"]).patches["1:norm"]
+    torch.testing.assert_close(one_norm, b.model.norm(out.hidden_states[1])[:, 5:].reshape(2, 28, 28, -1), **TOL)
     torch.testing.assert_close(feats.global_token, out.last_hidden_state[:, 0], **TOL)
     # manual forward: final LayerNorm over the raw last block, then drop CLS + 4 registers
     h = b.model.embeddings(x)
@@ -101,7 +103,7 @@ def test_dinov3_post_norm_tokens_registers_removed(tiny) -> None:
 def test_siglip_post_layernorm_interpolated(tiny) -> None:
     b = tiny["siglip"]
     x = images(448)
-    feats = b.forward_features(x, ["2:norm", "1"])
+    feats = b.forward_features(x, ["2:norm", "1", "1:norm"])
     feats.patches["2"] = feats.patches.pop("2:norm")
     assert feats.patches["2"].shape == (2, 28, 28, 32)  # 24x24 table -> 28x28
     out = b.model(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True)
@@ -110,6 +112,9 @@ def test_siglip_post_layernorm_interpolated(tiny) -> None:
         feats.patches["2"], b.model.post_layernorm(out.hidden_states[2]).reshape(2, 28, 28, -1), **TOL
     )
     torch.testing.assert_close(feats.patches["1"], out.hidden_states[1].reshape(2, 28, 28, -1), **TOL)
+    torch.testing.assert_close(
+        feats.patches["1:norm"], b.model.post_layernorm(out.hidden_states[1]).reshape(2, 28, 28, -1), **TOL
+    )
     torch.testing.assert_close(feats.global_token, out.pooler_output, **TOL)
 
 

@@ -200,7 +200,7 @@ class SigLIP(HFViT):
         return self.model(pixel_values=images, output_hidden_states=True, interpolate_pos_encoding=True)
 
     def _final_norm(self) -> torch.nn.Module:
-        return self.model.vision_model.post_layernorm
+        return self.model.post_layernorm
 
 
 def _build(
