@@ -38,8 +38,8 @@ from zsad_bench.detector import (
 from zsad_bench.errors import ZsadError
 from zsad_bench.source import FeatureSource
 
-# input sizes: a 4x4 patch grid for every ViT (patch 14 or 16), 64 px (8x8 at stride 8) for EfficientNet
-SIZES = {"dinov2": 56, "dinov2-vits14": 56, "dinov2-vitb14": 56, "openclip": 56, "effnet-lite0": 64}
+# input sizes: a 4x4 patch grid for every ViT (patch 14 or 16) and for EfficientNet (32 px at stride 8)
+SIZES = {"dinov2": 56, "dinov2-vits14": 56, "dinov2-vitb14": 56, "openclip": 56, "effnet-lite0": 32}
 METHOD_BACKBONES = ("effnet-lite0", "dinov2", "dinov3", "siglip", "openclip", "openclip-vitb16plus")
 # tiny but complete settings per shipped method (one epoch / a few steps); third-party methods run as configured
 TINY_SETTINGS: dict[str, dict] = {
