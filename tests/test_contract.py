@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from zsad_bench.backbones import Backbone, check_method_backbone, create_backbone, list_backbones
+from zsad_bench.backbones import Backbone, backbones_for, check_method_backbone, create_backbone, list_backbones
 from zsad_bench.backbones.base import split_layer
 from zsad_bench.backbones.testing import TINY_BACKBONES, tiny_config
 from zsad_bench.data.records import Sample
@@ -245,3 +245,36 @@ def test_backbone_honours_declared_capabilities(name: str) -> None:
             torch.testing.assert_close(tower.pool(h), default.global_token, atol=1e-5, rtol=1e-5)
             last_raw = feats.patches[str(tower.num_blocks)]
             torch.testing.assert_close(h[:, tower.num_prefix_tokens :].reshape(last_raw.shape), last_raw)
+
+
+def test_check_method_backbone_reads_needs_and_layers_from_the_registry() -> None:
+    class Probe:
+        name = "probe"
+        needs_blocks = True
+
+        @staticmethod
+        def layers_for(caps):
+            return (f"{caps.num_blocks}:norm",)
+
+    check_method_backbone(Probe, "dinov2-vits14")  # asks for "12:norm", declared by the 12-block ViT-S
+    with pytest.raises(
+        ZsadError, match=r"needs transformer blocks, which backbone 'effnet-lite0' lacks; use --backbone"
+    ):
+        check_method_backbone(Probe, "effnet-lite0")
+
+    class WantsProjection(Probe):
+        @staticmethod
+        def layers_for(caps):
+            return ("1:proj",)
+
+    check_method_backbone(WantsProjection, "openclip-vitb16plus")
+    with pytest.raises(ZsadError, match=r"unknown layer\(s\) \['1:proj'\]; use block indices 1\.\.24"):
+        check_method_backbone(WantsProjection, "dinov2")
+
+    class Listed(Probe):
+        supported_backbones = ("dinov3",)
+
+    with pytest.raises(ZsadError, match=r"use --backbone dinov3$"):
+        check_method_backbone(Listed, "dinov2")
+    assert backbones_for(Listed) == ["dinov3"]
+    assert backbones_for(get_method_class("winclip")) == ["openclip", "openclip-vitb16plus"]

@@ -358,7 +358,7 @@ def check_method_backbone(method_cls: type, backbone_name: str) -> None:
     ]
     missing = [what for lacking, what in wanted if lacking]
     if missing:
-        fits = [s.name for s in list_backbones() if _offers(s.capabilities, method_cls)]
+        fits = backbones_for(method_cls)
         raise ZsadError(
             f"method '{name}' needs {' and '.join(missing)}, which backbone '{backbone_name}' lacks; "
             f"use --backbone {' or '.join(fits) or '(none registered)'}"
@@ -367,6 +367,16 @@ def check_method_backbone(method_cls: type, backbone_name: str) -> None:
     layers = layers_for(caps) if callable(layers_for) else getattr(method_cls, "feature_layers", None)
     if layers:
         caps.check_layers(layers, f"method '{name}' on backbone '{backbone_name}'")
+
+
+def backbones_for(method_cls: type) -> list[str]:
+    """Registered backbones whose declared capabilities give ``method_cls`` what it needs (for ``list methods``)."""
+    supported = getattr(method_cls, "supported_backbones", None)
+    return [
+        s.name
+        for s in list_backbones()
+        if _offers(s.capabilities, method_cls) and (supported is None or s.name in supported)
+    ]
 
 
 def _offers(caps: Capabilities, method_cls: type) -> bool:
