@@ -258,7 +258,8 @@ def test_check_method_backbone_reads_needs_and_layers_from_the_registry() -> Non
 
     check_method_backbone(Probe, "dinov2-vits14")  # asks for "12:norm", declared by the 12-block ViT-S
     with pytest.raises(
-        ZsadError, match=r"needs transformer blocks, which backbone 'effnet-lite0' lacks; use --backbone"
+        ZsadError,
+        match=r"'probe' does not run on backbone 'effnet-lite0': it needs transformer blocks; use --backbone dinov2",
     ):
         check_method_backbone(Probe, "effnet-lite0")
 
@@ -278,3 +279,7 @@ def test_check_method_backbone_reads_needs_and_layers_from_the_registry() -> Non
         check_method_backbone(Listed, "dinov2")
     assert backbones_for(Listed) == ["dinov3"]
     assert backbones_for(get_method_class("winclip")) == ["openclip", "openclip-vitb16plus"]
+    for method in list_methods():  # an explicit list never names a backbone lacking what the method needs
+        cls = get_method_class(method)
+        for name in cls.supported_backbones or ():
+            check_method_backbone(cls, name)

@@ -124,7 +124,9 @@ def test_backbone_restrictions():
     for name in ("openclip", "openclip-vitb16plus", "dinov2", "dinov2-vits14", "dinov2-vitb14"):
         check_method_backbone(cls, name)
     for name in ("dinov3", "siglip", "effnet-lite0"):
-        with pytest.raises(ZsadError, match=r"needs token insertion.*use --backbone dinov2 or dinov2-vitb14"):
+        with pytest.raises(
+            ZsadError, match=r"does not run on backbone .*; use --backbone openclip or dinov2 or openclip-vitb16plus or"
+        ):
             check_method_backbone(cls, name)
 
 

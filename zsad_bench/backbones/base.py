@@ -360,7 +360,7 @@ def check_method_backbone(method_cls: type, backbone_name: str) -> None:
     if missing:
         fits = backbones_for(method_cls)
         raise ZsadError(
-            f"method '{name}' needs {' and '.join(missing)}, which backbone '{backbone_name}' lacks; "
+            f"method '{name}' does not run on backbone '{backbone_name}': it needs {' and '.join(missing)}; "
             f"use --backbone {' or '.join(fits) or '(none registered)'}"
         )
     layers_for = getattr(method_cls, "layers_for", None)

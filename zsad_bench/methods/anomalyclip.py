@@ -148,6 +148,9 @@ class AnomalyCLIP(Detector):
     paper = "Zhou et al., AnomalyCLIP: Object-agnostic Prompt Learning for Zero-shot Anomaly Detection, ICLR 2024"
     # Paper/official code: OpenAI CLIP ViT-L/14@336px at 518 px (the ``openclip`` backbone's default size).
     default_backbone = "openclip"
+    # the registered backbones whose capabilities fit (checked by check_method_backbone), listed so that a name
+    # is refused before any backbone is built
+    supported_backbones = ("openclip", "openclip-vitb16plus")
     needs_images = True
     needs_text = True
     needs_token_insertion = True

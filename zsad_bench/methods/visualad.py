@@ -147,6 +147,9 @@ class VisualAD(Detector):
     paper = "Hou et al., VisualAD: Language-Free Zero-Shot Anomaly Detection via Vision Transformer, CVPR 2026"
     # Paper/official code: OpenAI CLIP ViT-L/14@336px (or DINOv2 ViT-L/14) at 518 px (``openclip``'s default size).
     default_backbone = "openclip"
+    # the registered backbones whose capabilities fit (checked by check_method_backbone), listed so that a name
+    # is refused before any backbone is built
+    supported_backbones = ("openclip", "dinov2", "openclip-vitb16plus", "dinov2-vits14", "dinov2-vitb14")
     needs_images = True
     needs_token_insertion = True
     # official scripts/CLIP.sh: MVTec -> VisA trains 2 epochs, VisA -> MVTec 1 (keyed by the target dataset)

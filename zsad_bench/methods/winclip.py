@@ -158,6 +158,9 @@ class WinCLIP(Detector):
     paper = "Jeong et al., WinCLIP: Zero-/Few-Shot Anomaly Classification and Segmentation, CVPR 2023"
     # Paper/anomalib: OpenCLIP ViT-B-16-plus-240 (laion400m_e31) at its native 240 px (15x15 patches).
     default_backbone = "openclip-vitb16plus"
+    # the registered backbones whose capabilities fit (checked by check_method_backbone), listed so that a name
+    # is refused before any backbone is built
+    supported_backbones = ("openclip-vitb16plus", "openclip")
     needs_images = True
     needs_text = True
     needs_token_insertion = True
