@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,6 @@ from tests.test_winclip import image_source, run_tiny_synthetic, tiny_clip
 from zsad_bench.detector import FitContext, create_method, list_methods
 from zsad_bench.errors import ZsadError
 from zsad_bench.methods.anomalyclip import (
-    attention_pair,
     dpam_forward,
     encode_learned_text,
     focal_loss,
@@ -34,22 +34,25 @@ def _heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     return out
 
 
-def test_attention_pair_against_torch_mha_and_loop():
-    torch.manual_seed(0)
-    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
-    x = torch.randn(2, 5, 8)
-    original, vv = attention_pair(mha, x)
-    torch.testing.assert_close(original, mha(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5)
-    _q, _k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
-    expected = mha.out_proj(_heads_attention(v, v, v, 2))
+def test_attention_branches_against_torch_mha_and_loop():
+    bb = tiny_clip()
+    block = bb.model.visual.transformer.resblocks[0]
+    mha = block.attn
+    x = torch.randn(2, 5, 64)
+    original, vv = bb.tower.attention_branches(1, x)
+    h = block.ln_1(x)
+    torch.testing.assert_close(original, mha(h, h, h, need_weights=False)[0], atol=1e-5, rtol=1e-5)
+    _q, _k, v = F.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+    expected = mha.out_proj(_heads_attention(v, v, v, mha.num_heads))
     torch.testing.assert_close(vv, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bb.tower.run_block(1, x), x + original + bb.tower.mlp_branch(1, x + original))
 
 
 def test_dpam_forward_without_dpam_is_plain_clip():
     bb = tiny_clip()
     visual = bb.model.visual
     x = torch.randn(2, 3, 56, 56)
-    image, (patches,) = dpam_forward(visual, x, (2,), dpam_start=3)
+    image, (patches,) = dpam_forward(bb.tower, x, (2,), dpam_start=3)
     visual.output_tokens = True
     _, tokens = visual(x)
     torch.testing.assert_close(patches, tokens @ visual.proj, atol=1e-5, rtol=1e-5)
@@ -61,7 +64,7 @@ def test_dpam_forward_matches_slow_dual_path():
     bb = tiny_clip(seed=3)
     visual = bb.model.visual
     images = torch.randn(2, 3, 56, 56)
-    image, (p1, p2) = dpam_forward(visual, images, (1, 2), dpam_start=2)
+    image, (p1, p2) = dpam_forward(bb.tower, images, (1, 2), dpam_start=2)
     x = visual.conv1(images).flatten(2).transpose(1, 2)
     x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], 1) + visual.positional_embedding
     x = visual.ln_pre(x)
@@ -84,12 +87,12 @@ def test_learned_text_equals_clip_text_for_word_contexts():
     """Contexts set to the embeddings of real words and no deep prompts: CLIP's own text encoding."""
     bb = tiny_clip()
     det = create_method("anomalyclip", bb, n_ctx=3, depth=1, deep_len=1)
-    words = bb.model.token_embedding(bb.tokenizer(["red green blue"]))[0, 1:4]
+    words = bb.model.token_embedding(bb.text.tokenize(["red green blue"]))[0, 1:4]
     with torch.no_grad():
         det.prompts.ctx_normal.copy_(words)
         det.prompts.ctx_anomalous.copy_(words)
-    ref = bb.model.encode_text(bb.tokenizer(["red green blue object.", "red green blue damaged object."]))
-    torch.testing.assert_close(encode_learned_text(bb.model, det.prompts), ref, atol=1e-5, rtol=1e-5)
+    ref = bb.model.encode_text(open_clip.tokenize(["red green blue object.", "red green blue damaged object."]))
+    torch.testing.assert_close(encode_learned_text(bb.text, det.prompts), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_learned_text_deep_prompts_replace_tokens_before_deeper_blocks():
@@ -112,7 +115,7 @@ def test_learned_text_deep_prompts_replace_tokens_before_deeper_blocks():
         ref = x[torch.arange(2), learner.tokens.argmax(-1)] @ bb.model.text_projection
     finally:
         handle.remove()
-    torch.testing.assert_close(encode_learned_text(bb.model, learner), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encode_learned_text(bb.text, learner), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_similarity_map_hand_case():

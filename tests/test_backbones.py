@@ -34,17 +34,28 @@ def tiny() -> dict:
     }
 
 
-def test_all_five_registered_with_size_and_source() -> None:
+def test_all_registered_with_size_and_source() -> None:
     specs = {s.name: s for s in list_backbones()}
-    assert {n: specs[n].image_size for n in ("dinov3", "dinov2", "openclip", "siglip", "effnet-lite0")} == {
+    assert {n: s.image_size for n, s in specs.items()} == {
         "dinov3": 448,
         "dinov2": 448,
+        "dinov2-vits14": 448,
+        "dinov2-vitb14": 448,
         "openclip": 518,
+        "openclip-vitb16plus": 240,
         "siglip": 448,
         "effnet-lite0": 224,
     }
     assert "dinov3-vitl16-pretrain-lvd1689m" in specs["dinov3"].source and "openai" in specs["openclip"].source
-    assert [n for n, s in specs.items() if s.has_text] == ["openclip"]
+    assert "ViT-B-16-plus-240" in specs["openclip-vitb16plus"].source
+    assert "laion400m_e31" in specs["openclip-vitb16plus"].source
+    assert specs["dinov2-vits14"].source.endswith("facebook/dinov2-small")
+    assert specs["dinov2-vitb14"].source.endswith("facebook/dinov2-base")
+    assert [n for n, s in specs.items() if s.has_text] == ["openclip", "openclip-vitb16plus"]
+    blocks = {n: s.capabilities.num_blocks for n, s in specs.items()}
+    assert blocks == {
+        n: 12 if n in ("dinov2-vits14", "dinov2-vitb14", "openclip-vitb16plus") else 24 for n in specs
+    } | {"effnet-lite0": None}
 
 
 def test_dinov2_raw_last_block_without_cls(tiny) -> None:
@@ -68,12 +79,17 @@ def test_dinov2_raw_last_block_without_cls(tiny) -> None:
 def test_dinov3_post_norm_tokens_registers_removed(tiny) -> None:
     b = tiny["dinov3"]
     x = images(448)
-    feats = b.forward_features(x, ["2", "1"])
+    feats = b.forward_features(x, ["2:norm", "1"])
+    assert b.default_layers == ("2:norm",)  # SPG's final-normed tokens (the release's last_hidden_state)
+    assert torch.equal(b.forward_features(x).layer(), feats.patches["2:norm"])
+    feats.patches["2"] = feats.patches.pop("2:norm")
     assert feats.patches["2"].shape == (2, 28, 28, 32)
     out = b.model(pixel_values=x, output_hidden_states=True)
     assert out.last_hidden_state.shape[1] == 1 + 4 + 28 * 28
     torch.testing.assert_close(feats.patches["2"], out.last_hidden_state[:, 5:].reshape(2, 28, 28, -1), **TOL)
     torch.testing.assert_close(feats.patches["1"], out.hidden_states[1][:, 5:].reshape(2, 28, 28, -1), **TOL)
+    one_norm = b.forward_features(x, ["1:norm"]).patches["1:norm"]
+    torch.testing.assert_close(one_norm, b.model.norm(out.hidden_states[1])[:, 5:].reshape(2, 28, 28, -1), **TOL)
     torch.testing.assert_close(feats.global_token, out.last_hidden_state[:, 0], **TOL)
     # manual forward: final LayerNorm over the raw last block, then drop CLS + 4 registers
     h = b.model.embeddings(x)
@@ -87,7 +103,8 @@ def test_dinov3_post_norm_tokens_registers_removed(tiny) -> None:
 def test_siglip_post_layernorm_interpolated(tiny) -> None:
     b = tiny["siglip"]
     x = images(448)
-    feats = b.forward_features(x, ["2", "1"])
+    feats = b.forward_features(x, ["2:norm", "1", "1:norm"])
+    feats.patches["2"] = feats.patches.pop("2:norm")
     assert feats.patches["2"].shape == (2, 28, 28, 32)  # 24x24 table -> 28x28
     out = b.model(pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True)
     assert out.hidden_states[2].shape[1] == 28 * 28  # no CLS in SigLIP
@@ -95,6 +112,9 @@ def test_siglip_post_layernorm_interpolated(tiny) -> None:
         feats.patches["2"], b.model.post_layernorm(out.hidden_states[2]).reshape(2, 28, 28, -1), **TOL
     )
     torch.testing.assert_close(feats.patches["1"], out.hidden_states[1].reshape(2, 28, 28, -1), **TOL)
+    torch.testing.assert_close(
+        feats.patches["1:norm"], b.model.post_layernorm(out.hidden_states[1]).reshape(2, 28, 28, -1), **TOL
+    )
     torch.testing.assert_close(feats.global_token, out.pooler_output, **TOL)
 
 
@@ -121,12 +141,16 @@ def bilinear_reference(table: np.ndarray, new: int) -> np.ndarray:
 def test_openclip_projected_tokens_match_open_clip(tiny) -> None:
     b = tiny["openclip"]
     x = images(518)
-    feats = b.forward_features(x, ["2", "1"])
-    assert feats.patches["2"].shape == (2, 37, 37, 16) and b.embed_dim == 16 and b.grid_size == 37
+    feats = b.forward_features(x, ["2:proj", "1:proj", "1:norm", "1"])
+    assert feats.patches["2:proj"].shape == (2, 37, 37, 16) and b.embed_dim == 16 and b.grid_size == 37
+    assert b.default_layers == ("2:proj",)
     v = b.model.visual
     out = v.forward_intermediates(x, indices=[0, 1], output_fmt="NLC")
-    for layer, tokens in zip(("1", "2"), out["image_intermediates"], strict=True):
+    for layer, tokens in zip(("1:proj", "2:proj"), out["image_intermediates"], strict=True):
         torch.testing.assert_close(feats.patches[layer], (v.ln_post(tokens) @ v.proj).reshape(2, 37, 37, -1), **TOL)
+    raw = out["image_intermediates"][0].reshape(2, 37, 37, -1)
+    torch.testing.assert_close(feats.patches["1"], raw, **TOL)
+    torch.testing.assert_close(feats.patches["1:norm"], v.ln_post(raw), **TOL)
     torch.testing.assert_close(feats.global_token, out["image_features"], **TOL)
     torch.testing.assert_close(feats.global_token, b.model.encode_image(x), **TOL)
 
@@ -251,8 +275,82 @@ def test_bad_sizes_and_layers(tiny) -> None:
         create_backbone("dinov2", config=tiny_config("dinov2"), image_size=450)
     with pytest.raises(ZsadError, match=r"block indices 1\.\.2"):
         tiny["siglip"].forward_features(images(448, 1), ["24"])
+    with pytest.raises(ZsadError, match=r'block indices 1\.\.2 as "N", "N:norm"$'):
+        tiny["dinov2"].forward_features(images(448, 1), ["2:proj"])
     with pytest.raises(ZsadError, match="518px"):
         tiny["openclip"].forward_features(images(224, 1))
     with pytest.raises(ZsadError, match="no tiny config"):
         tiny_config("effnet-lite0")
     assert json.dumps(tiny_config("openclip"))  # plain dict, safe to copy into other configs
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("dinov2-vits14", 12), ("dinov2-vitb14", 12)])
+def test_dinov2_variants_match_hf_forward_with_norm_layers(name, blocks) -> None:
+    """Same code path as ``dinov2`` (upstream Dinov2Model); ``"N:norm"`` = final LayerNorm of block N's output."""
+    torch.manual_seed(4)
+    b = create_backbone(name, config=tiny_config(name), image_size=56)
+    assert b.name == name and b.identity.startswith(f"{name}@56:random-")
+    assert b.capabilities.num_blocks == 2 and b.default_layers == ("2",)  # declared 12, tiny config has 2
+    assert list_backbones(name)[0].capabilities.num_blocks == blocks
+    x = images(56)
+    feats = b.forward_features(x, ["1", "1:norm", "2:norm"])
+    out = b.model(pixel_values=x, output_hidden_states=True)
+    raw1 = out.hidden_states[1][:, 1:].reshape(2, 4, 4, -1)
+    torch.testing.assert_close(feats.patches["1"], raw1, **TOL)
+    torch.testing.assert_close(feats.patches["1:norm"], b.model.layernorm(raw1), **TOL)
+    torch.testing.assert_close(feats.patches["2:norm"], out.last_hidden_state[:, 1:].reshape(2, 4, 4, -1), **TOL)
+
+
+def test_openclip_vitb16plus_matches_open_clip_forward() -> None:
+    """ViT-B-16-plus-240 architecture (patch 16, plain GELU, 15x15 native grid): tokens and text as open_clip's."""
+    torch.manual_seed(5)
+    b = create_backbone("openclip-vitb16plus", config=tiny_config("openclip-vitb16plus"))
+    assert b.image_size == 240 and b.grid_size == 15 and b.default_layers == ("2:proj",)
+    x = images(240)
+    feats = b.forward_features(x, ["2:proj", "1"])
+    v = b.model.visual
+    out = v.forward_intermediates(x, indices=[0, 1], output_fmt="NLC")
+    torch.testing.assert_close(feats.patches["1"], out["image_intermediates"][0].reshape(2, 15, 15, -1), **TOL)
+    last = out["image_intermediates"][1]
+    torch.testing.assert_close(feats.patches["2:proj"], (v.ln_post(last) @ v.proj).reshape(2, 15, 15, -1), **TOL)
+    torch.testing.assert_close(feats.global_token, b.model.encode_image(x), **TOL)
+    texts = ["a photo of a damaged screw"]
+    torch.testing.assert_close(b.encode_text(texts), b.model.encode_text(open_clip.tokenize(texts)), **TOL)
+
+
+def test_openclip_variant_weights_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(ZsadError) as err:
+        create_backbone("openclip-vitb16plus")
+    msg = str(err.value)
+    assert "timm/vit_base_patch16_plus_clip_240.laion400m_e31" in msg and "laion400m_e31" in msg and "\n" not in msg
+    clip_cache = tmp_path / "home" / ".cache" / "clip"
+    clip_cache.mkdir(parents=True)
+    (clip_cache / "ViT-L-14-336px.pt").write_bytes(b"not this one")
+    with pytest.raises(ZsadError, match=r"vit_b_16_plus_240-laion400m_e31-8fb26589\.pt"):
+        create_backbone("openclip-vitb16plus")
+    torch.manual_seed(6)
+    src = open_clip.CLIP(**copy.deepcopy(tiny_config("openclip-vitb16plus"))).eval()
+    torch.save(src.state_dict(), clip_cache / "vit_b_16_plus_240-laion400m_e31-8fb26589.pt")
+    from zsad_bench.backbones.openclip import find_checkpoint
+
+    assert find_checkpoint(None, "openclip-vitb16plus") == clip_cache / "vit_b_16_plus_240-laion400m_e31-8fb26589.pt"
+
+
+def test_registered_names_are_file_and_ablation_safe() -> None:
+    """Names go into run ids and cache folders and precede ':' in NAME:SIZE ablations."""
+    import re
+
+    from zsad_bench.backbones import register_backbone
+    from zsad_bench.backbones.base import NAME_PATTERN
+
+    for spec in list_backbones():
+        assert NAME_PATTERN.fullmatch(spec.name) and ":" not in spec.name and "/" not in spec.name
+        name, _, size = f"{spec.name}:336".partition(":")
+        assert name == spec.name and size == "336"
+    for bad in ("open:clip", "ViT/B", ""):
+        with pytest.raises(ZsadError, match="file names"):
+            register_backbone(bad, 224, "x", list_backbones("effnet-lite0")[0].capabilities)
+    assert re.fullmatch(NAME_PATTERN, "dinov2-vits14")

@@ -11,7 +11,7 @@ from tests.test_winclip import _NoText, image_source, run_tiny_synthetic, tiny_c
 from zsad_bench.backbones import create_backbone
 from zsad_bench.backbones.base import Backbone
 from zsad_bench.backbones.testing import tiny_config
-from zsad_bench.detector import FitContext, create_method, list_methods
+from zsad_bench.detector import FitContext, create_method, get_method_class, list_methods
 from zsad_bench.errors import ZsadError
 from zsad_bench.methods.visualad import SpatialCrossAttention, token_map, topk_mean
 
@@ -30,10 +30,11 @@ def test_token_insertion_matches_open_clip_transformer_on_extended_sequence():
     images = torch.randn(2, 3, 56, 56)
     anomaly, normal, (patches,) = det.encode(images)
     assert anomaly.shape == normal.shape == (2, 64) and patches.shape == (2, 16, 64)
-    # reference: one sequence [anomaly, normal, CLS, patches] with positions, through open_clip's own transformer
+    # reference: one sequence [anomaly, normal, CLS, patches] with positions, through open_clip's own transformer;
+    # the two tokens' position is the pretrained CLS one (official build_model.py:50-53)
     x = visual.conv1(images).flatten(2).transpose(1, 2)
     x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], 1) + visual.positional_embedding
-    extra = torch.stack([head.anomaly_token, head.normal_token]) + head.token_pos
+    extra = torch.stack([head.anomaly_token, head.normal_token]) + visual.positional_embedding[0]
     x = visual.ln_pre(torch.cat([extra.expand(2, -1, -1), x], 1))
     out = visual.transformer(x)
     torch.testing.assert_close(patches, visual.ln_post(out[:, 3:]), atol=1e-5, rtol=1e-5)
@@ -52,7 +53,8 @@ def test_token_insertion_on_dinov2_matches_hf_encoder():
     images = torch.randn(2, 3, 56, 56)
     anomaly, _, (p1, p2) = det.encode(images)
     x = bb.model.embeddings(images)
-    x = torch.cat([(torch.stack([head.anomaly_token, head.normal_token]) + head.token_pos).expand(2, -1, -1), x], 1)
+    cls_pos = bb.model.embeddings.position_embeddings[0, 0]  # the CLS position embedding (frozen)
+    x = torch.cat([(torch.stack([head.anomaly_token, head.normal_token]) + cls_pos).expand(2, -1, -1), x], 1)
     h1 = bb.model.encoder.layer[0](x)
     h2 = bb.model.encoder.layer[1](h1)
     torch.testing.assert_close(p1, bb.model.layernorm(h1[:, 3:]), atol=1e-5, rtol=1e-5)
@@ -69,7 +71,9 @@ def test_loss_backward_reaches_tokens_not_the_frozen_vit():
     assert all(p.grad is None for p in bb.parameters())
     assert det.head.anomaly_token.grad is not None and det.head.anomaly_token.grad.abs().sum() > 0
     assert det.head.normal_token.grad is not None and det.head.norm.weight.grad is not None
-    assert "token_pos" not in dict(det.head.named_parameters())
+    # the tokens' positions are the backbone's frozen CLS one: nothing of their own, learned or buffered
+    assert {n for n, _ in det.head.named_parameters() if "." not in n} == {"anomaly_token", "normal_token"}
+    assert {n for n, _ in det.head.named_buffers() if "." not in n} == set()
 
 
 def test_token_map_hand_case():
@@ -113,6 +117,24 @@ def test_backbone_restrictions():
     assert "visualad" in list_methods(learning_type="zero-shot")
     with pytest.raises(ZsadError, match="openclip or dinov2"):
         create_method("visualad", _NoText())
+    from zsad_bench.backbones import check_method_backbone
+    from zsad_bench.detector import get_method_class
+
+    cls = get_method_class("visualad")
+    for name in ("openclip", "openclip-vitb16plus", "dinov2", "dinov2-vits14", "dinov2-vitb14"):
+        check_method_backbone(cls, name)
+    for name in ("dinov3", "siglip", "effnet-lite0"):
+        with pytest.raises(
+            ZsadError, match=r"does not run on backbone .*; use --backbone openclip or dinov2 or openclip-vitb16plus or"
+        ):
+            check_method_backbone(cls, name)
+
+
+def test_per_dataset_epochs_follow_the_official_script():
+    """scripts/CLIP.sh: MVTec -> VisA trains 2 epochs, VisA -> MVTec 1 (keyed by the target)."""
+    cls = get_method_class("visualad")
+    assert cls.dataset_defaults["visa"] == {"epochs": 2} and cls.dataset_defaults["mvtec"] == {"epochs": 1}
+    assert cls.Config().epochs == 1
     with pytest.raises(ZsadError, match="layers"):
         create_method("visualad", tiny_clip())  # default layers 6..24 do not exist in a 2-block ViT
 
@@ -130,7 +152,6 @@ def test_fit_predict_smoke_and_checkpoint_round_trip(make):
     torch.manual_seed(3)
     init = det.new_head().state_dict()
     assert not torch.equal(init["anomaly_token"], after["anomaly_token"])
-    torch.testing.assert_close(init["token_pos"], after["token_pos"], rtol=0, atol=0)  # never trained
     det.fit(source, ctx)  # refitting restarts from the seeded initialisation: same result
     for k, v in det.state_dict().items():
         torch.testing.assert_close(v, after[k], rtol=0, atol=0)
@@ -148,7 +169,7 @@ def test_fit_predict_smoke_and_checkpoint_round_trip(make):
     torch.testing.assert_close(again.maps, pred.maps)
     torch.testing.assert_close(again.scores, pred.scores)
     with pytest.raises(ZsadError, match="refit"):
-        fresh.load_state_dict({k: v for k, v in after.items() if k != "token_pos"})
+        fresh.load_state_dict({k: v for k, v in after.items() if k != "normal_token"})
 
 
 @pytest.mark.slow

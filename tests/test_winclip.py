@@ -7,19 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
-from zsad_bench.backbones import create_backbone
+from zsad_bench.backbones import BACKBONES, create_backbone
 from zsad_bench.backbones.base import Backbone, Features, Preprocess
 from zsad_bench.backbones.testing import tiny_config
 from zsad_bench.data.records import Sample
-from zsad_bench.detector import Batch, create_method, list_methods
+from zsad_bench.detector import Batch, FitContext, create_method, get_method_class, list_methods
 from zsad_bench.errors import ZsadError
 from zsad_bench.methods.winclip import (
     anomaly_probability,
-    clip_embed,
-    clip_pool,
     harmonic_aggregation,
     prompt_ensemble,
     window_indices,
@@ -98,11 +98,10 @@ def test_anomaly_probability_hand_case():
     torch.testing.assert_close(out, expected)
 
 
-def test_clip_embed_and_pool_reproduce_open_clip_image_embedding():
+def test_tower_embed_and_pool_reproduce_open_clip_image_embedding():
     bb = tiny_clip()
     x = torch.randn(2, 3, 56, 56)
-    visual = bb.model.visual
-    ours = clip_pool(visual, visual.transformer(clip_embed(visual, x)))
+    ours = bb.tower.pool(bb.tower.run_blocks(bb.tower.embed(x)))
     torch.testing.assert_close(ours, bb.model.encode_image(x), atol=1e-5, rtol=1e-5)
 
 
@@ -135,6 +134,9 @@ def test_registration_and_backbone_restriction():
     assert "winclip" in list_methods(learning_type="training-free")
     with pytest.raises(ZsadError, match="openclip"):
         create_method("winclip", _NoText())
+    cls = get_method_class("winclip")
+    assert cls.default_backbone == "openclip-vitb16plus"  # the paper's and anomalib's ViT-B-16-plus-240
+    assert BACKBONES.get("openclip-vitb16plus").image_size == 240  # 15x15 patches of 16 px
 
 
 class _NoText(Backbone):
@@ -142,7 +144,6 @@ class _NoText(Backbone):
     source = "test"
     patch_size = 8
     embed_dim = 4
-    default_layers = ("last",)
     preprocess = Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 
     def forward_features(self, images: torch.Tensor, layers=None) -> Features:
@@ -175,3 +176,58 @@ def test_end_to_end_synthetic(tmp_path: Path):
     (record,) = result.records
     assert record.category == "cap" and record.n_images == 25
     assert all(0.0 <= record.metrics[m] <= 1.0 for m in ("image_auroc", "pixel_auroc", "aupro"))
+
+
+def _half_min_cosine_distance(x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """anomalib utils.visual_association_score written out: min over memory rows of (1 - cos) / 2, one at a time."""
+    out = torch.empty(x.shape[:-1])
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]), out.view(-1)
+    for i, row in enumerate(flat_x):
+        dists = [(1 - torch.dot(row, m) / (row.norm() * m.norm())) / 2 for m in memory]
+        flat_out[i] = min(dists)
+    return out
+
+
+def test_winclipplus_against_independent_few_shot_computation():
+    """One whole-grid window (scales=(4,)) on a 4x4 grid: every term is an open_clip output written out by hand.
+
+    anomalib torch_model.py:299-303 (averages), 342-375 (few-shot maps), utils.py visual_association_score.
+    """
+    bb = tiny_clip(seed=7)
+    det = create_method("winclipplus", bb, scales=(4,))
+    g = torch.Generator().manual_seed(8)
+    refs, tests = torch.randn(2, 3, 56, 56, generator=g), torch.randn(3, 3, 56, 56, generator=g)
+    det.fit(
+        FeatureSource(_samples(2), 56, None, None, lambda s: refs[int(s.image_path[3])]),
+        FitContext(torch.device("cpu")),
+    )
+    pred = det.predict(Batch(_samples(3), None, tests))
+
+    v = bb.model.visual
+    v.output_tokens = True
+    with torch.no_grad():
+        ref_pooled, ref_tokens = v(refs)  # tokens: ln_post of the last block, no projection (anomalib's patches)
+        test_pooled, test_tokens = v(tests)
+        text = bb.model.encode_text(
+            open_clip.tokenize([*prompt_ensemble("metal nut")[0], *prompt_ensemble("metal nut")[1]])
+        )
+    text = torch.stack([text[:147].mean(0), text[147:].mean(0)])
+    cos = F.normalize(test_pooled, dim=-1) @ F.normalize(text, dim=-1).T
+    zero = (cos / 0.07).softmax(-1)[:, 1]  # whole image and the one window coincide: a flat zero-shot map
+    patch_level = _half_min_cosine_distance(test_tokens, ref_tokens.reshape(-1, ref_tokens.shape[-1]))
+    window_level = _half_min_cosine_distance(test_pooled, ref_pooled)  # one window = the image
+    few = (patch_level.reshape(3, 4, 4) + window_level[:, None, None]) / 2
+    expected_map = F.interpolate(((zero[:, None, None] + few) / 2)[:, None], size=(56, 56), mode="bilinear")[:, 0]
+    torch.testing.assert_close(pred.scores, (zero + few.flatten(1).amax(1)) / 2, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pred.maps, expected_map, atol=1e-5, rtol=1e-4)
+
+    # a test image among the references has visual association 0 everywhere
+    same = det.few_shot(*det.encode(refs[:1])[1:3], 4)
+    torch.testing.assert_close(same, torch.zeros(1, 4, 4), atol=1e-5, rtol=0)
+    # the reference memory round-trips through state_dict
+    fresh = create_method("winclipplus", tiny_clip(seed=7), scales=(4,))
+    fresh.load_state_dict(det.state_dict())
+    torch.testing.assert_close(fresh.predict(Batch(_samples(3), None, tests)).maps, pred.maps)
+    with pytest.raises(ZsadError, match="windows_2"):
+        create_method("winclipplus", tiny_clip(seed=7)).load_state_dict(det.state_dict())
+    assert "winclipplus" in list_methods(learning_type="few-shot")

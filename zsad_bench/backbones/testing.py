@@ -16,12 +16,12 @@ TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "in
 
 
 def tiny_config(name: str) -> Any:
-    """Upstream config object for a tiny ``dinov2``/``dinov3``/``siglip`` model, or an open_clip config dict.
+    """Upstream config object for a tiny ``dinov2*``/``dinov3``/``siglip`` model, or an open_clip config dict.
 
-    ``openclip``'s text tower keeps CLIP's vocabulary (49408) and context (77) so open_clip's tokenizer
+    The CLIP text towers keeps CLIP's vocabulary (49408) and context (77) so open_clip's tokenizer
     works; widths are tiny (vision 64 with 2 heads, text 32 with 2 heads, joint embedding 16).
     """
-    if name == "dinov2":
+    if name in ("dinov2", "dinov2-vits14", "dinov2-vitb14"):  # one architecture, three widths
         from transformers import Dinov2Config
 
         return Dinov2Config(**TINY, patch_size=14, image_size=518)
@@ -40,4 +40,13 @@ def tiny_config(name: str) -> Any:
             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
             "quick_gelu": True,
         }
-    raise ZsadError(f"no tiny config for backbone '{name}'; choose dinov2, dinov3, siglip or openclip")
+    if name == "openclip-vitb16plus":  # ViT-B-16-plus-240: patch 16, 15x15 native grid, plain GELU
+        return {
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": 240, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+        }
+    raise ZsadError(f"no tiny config for backbone '{name}'; choose one of {', '.join(TINY_BACKBONES)}")
+
+
+TINY_BACKBONES = ("dinov2", "dinov2-vits14", "dinov2-vitb14", "dinov3", "siglip", "openclip", "openclip-vitb16plus")

@@ -5,10 +5,13 @@ Hou et al., "VisualAD: Language-Free Zero-Shot Anomaly Detection via Vision Tran
 ``train.py``, ``test.py``, ``utils/spatial_cross_attention.py``, ``utils/feature_transform.py``,
 ``utils/training_utils.py``, ``utils/scoring.py``). Reproduced from that code:
 
-* an anomaly and a normal token (init N(0, 1) * width^-0.5 * 0.1) are prepended to [CLS, patches]
-  with their own fixed random position embeddings (N(0, 1) * width^-0.5; the official optimiser
-  never updates them) and travel through every block of the frozen ViT; their last-block outputs
-  after the final LayerNorm are the anomaly/normal prototypes;
+* an anomaly and a normal token (init N(0, 1) * width^-0.5 * 0.1, ``VisualAD_lib/VisualAD.py:94-95``) are
+  prepended to [CLS, patches] (``VisualAD.py:132``) and travel through every block of the frozen ViT; their
+  position embedding is the CLS token's (``build_model.py:50-53`` initialises ``anomaly_pos``/``normal_pos``
+  from the pretrained CLS entry; the optimiser never updates them, ``utils/training_utils.py:50-71``), added
+  before ``ln_pre`` like every other position (``VisualAD.py:134-147``), so here it is the backbone's own CLS
+  position, read through the token-insertion hook (frozen). Their last-block outputs after the final LayerNorm
+  are the anomaly/normal prototypes (``VisualAD.py:163-164``);
 * SCA (spatial-aware cross-attention), one per feature layer: 4 learned anchor queries attend to
   the layer's patch tokens (+ learned 2D position table), a sigmoid gate computed from the
   prototype weights the anchors, and the result is added to the prototype with a learned residual
@@ -21,73 +24,40 @@ Hou et al., "VisualAD: Language-Free Zero-Shot Anomaly Detection via Vision Tran
 * AdamW (betas 0.9/0.999, weight decay 0.01), lr 1e-3 for the tokens, 1e-4 for the final
   LayerNorm (trained; this plugin trains a copy), SCA and SAF; cosine schedule per epoch to 0.1 lr;
   each token's gradient clipped to norm 1; batch 8; ``scripts/CLIP.sh``: 1 epoch VisA->MVTec,
-  2 epochs MVTec->VisA;
+  2 epochs MVTec->VisA (declared in ``dataset_defaults``, keyed by the target dataset);
 * test: summed map, Gaussian sigma 4, image score = mean of its top 1% pixels.
 
 Official runs: OpenAI CLIP ViT-L/14@336px (patch tokens without ``proj``) or DINOv2 ViT-L/14, 518 px,
-feature layers 6/12/18/24. Supported backbones here: ``openclip`` (ViT towers) and ``dinov2``.
+feature layers 6/12/18/24. Runs here on every backbone declaring the token-insertion hook (``openclip*``,
+``dinov2*``), through :class:`~zsad_bench.backbones.base.VisionTower` only.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsad_bench.backbones.base import Backbone
+from zsad_bench.backbones.base import Backbone, VisionTower
 from zsad_bench.detector import Batch, DataSource, Detector, FitContext, LearningType, Prediction, register_method
 from zsad_bench.errors import ZsadError
 from zsad_bench.methods.anomalyclip import focal_loss, resolve_blocks
-from zsad_bench.methods.winclip import clip_embed
 from zsad_bench.postprocess import dice_loss, gaussian_smooth
 
 
-class FrozenViT:
-    """Uniform view of a frozen ViT tower: pre-block tokens, blocks, final LayerNorm.
-
-    Supports OpenCLIP vision transformers (``backbone.model.visual``) and Hugging Face DINOv2 models
-    (``backbone.model`` with ``embeddings``/``encoder.layer``/``layernorm``).
-    """
-
-    def __init__(self, backbone: Backbone, method: str) -> None:
-        model = getattr(backbone, "model", None)
-        visual = getattr(model, "visual", None)
-        if visual is not None and hasattr(visual, "conv1") and hasattr(visual, "transformer"):
-            self.kind = "clip"
-            self.tower = visual
-            self.blocks = list(visual.transformer.resblocks)
-            self.norm = visual.ln_post
-            self.width = visual.class_embedding.shape[0]
-        elif model is not None and all(hasattr(model, a) for a in ("embeddings", "encoder", "layernorm")):
-            self.kind = "hf"
-            self.tower = model
-            self.blocks = list(model.encoder.layer)
-            self.norm = model.layernorm
-            self.width = model.config.hidden_size
-        else:
-            raise ZsadError(f"method '{method}' needs a ViT backbone with CLS token; use --backbone openclip or dinov2")
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``(B, 1+N, C)``: CLS and patch tokens with positions, as they enter the first block."""
-        if self.kind == "clip":
-            return clip_embed(self.tower, images)
-        return self.tower.embeddings(images.to(self.tower.embeddings.patch_embeddings.projection.weight.dtype))
-
-    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Extra tokens (already with their positions) as they enter the first block (CLIP applies ``ln_pre``)."""
-        return self.tower.ln_pre(tokens) if self.kind == "clip" else tokens
-
-    @staticmethod
-    def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One block on ``(B, L, C)`` tokens (HF layers of older transformers return tuples)."""
-        out = block(x)
-        return out[0] if isinstance(out, tuple) else out
+def vision_tower(backbone: Backbone, method: str) -> VisionTower:
+    """The backbone's token-insertion hook, or one line naming the backbones that have it."""
+    if backbone.tower is None:
+        raise ZsadError(
+            f"method '{method}' needs a ViT backbone with the token-insertion hook; use --backbone openclip or dinov2"
+        )
+    return backbone.tower
 
 
 class SpatialCrossAttention(nn.Module):
@@ -154,14 +124,13 @@ def topk_mean(maps: torch.Tensor, ratio: float) -> torch.Tensor:
 class VisualADHead(nn.Module):
     """Everything VisualAD learns: the two tokens, the final-norm copy, SCA and SAF per layer."""
 
-    def __init__(self, vit: FrozenViT, n_layers: int, anchors: int, dropout: float, res_scale: float) -> None:
+    def __init__(self, tower: VisionTower, n_layers: int, anchors: int, dropout: float, res_scale: float) -> None:
         super().__init__()
-        w = vit.width
+        w = tower.width
         scale = w**-0.5
         self.anomaly_token = nn.Parameter(torch.randn(w) * scale * 0.1)
         self.normal_token = nn.Parameter(torch.randn(w) * scale * 0.1)
-        self.register_buffer("token_pos", torch.randn(2, w) * scale)  # fixed: the official optimiser skips them
-        self.norm = copy.deepcopy(vit.norm).float().requires_grad_(True)
+        self.norm = copy.deepcopy(tower.final_norm).float().requires_grad_(True)
         self.sca = nn.ModuleList(
             SpatialCrossAttention(w, anchors, dropout, res_scale=res_scale) for _ in range(n_layers)
         )
@@ -176,50 +145,58 @@ class VisualAD(Detector):
     display_name = "VisualAD"
     learning_type = LearningType.ZERO_SHOT
     paper = "Hou et al., VisualAD: Language-Free Zero-Shot Anomaly Detection via Vision Transformer, CVPR 2026"
-    # Paper/official code: OpenAI CLIP ViT-L/14@336px (or DINOv2 ViT-L/14) at 518 px.
+    # Paper/official code: OpenAI CLIP ViT-L/14@336px (or DINOv2 ViT-L/14) at 518 px (``openclip``'s default size).
     default_backbone = "openclip"
-    default_image_size = 518
-    supported_backbones = ("openclip", "dinov2")
+    # the registered backbones whose capabilities fit (checked by check_method_backbone), listed so that a name
+    # is refused before any backbone is built
+    supported_backbones = ("openclip", "dinov2", "openclip-vitb16plus", "dinov2-vits14", "dinov2-vitb14")
     needs_images = True
-    inference_options = ("sigma",)
+    needs_token_insertion = True
+    # official scripts/CLIP.sh: MVTec -> VisA trains 2 epochs, VisA -> MVTec 1 (keyed by the target dataset)
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {"visa": {"epochs": 2}, "mvtec": {"epochs": 1}}
 
     @dataclass
     class Config:
-        layers: tuple[int, ...] = (6, 12, 18, 24)  # 1-based blocks (negative: from the end)
-        epochs: int = 1  # official scripts/CLIP.sh: 1 (VisA -> MVTec), 2 (MVTec -> VisA)
-        batch_size: int = 8
-        lr: float = 1e-3  # tokens; final norm, SCA and SAF use lr / 10
-        weight_decay: float = 0.01
-        anchors: int = 4
-        dropout: float = 0.1
-        res_scale: float = 0.01
-        margin: float = 0.5
-        topk_ratio: float = 0.01
-        sigma: float = 4.0
+        layers: tuple[int, ...] = field(
+            default=(6, 12, 18, 24), metadata={"help": "1-based feature blocks (negative: from the end)"}
+        )
+        epochs: int = field(default=1, metadata={"ge": 1, "help": "training epochs (per target: dataset_defaults)"})
+        batch_size: int = field(default=8, metadata={"ge": 1, "help": "training batch size"})
+        lr: float = field(default=1e-3, metadata={"gt": 0, "help": "tokens' lr; final norm, SCA and SAF use lr / 10"})
+        weight_decay: float = field(default=0.01, metadata={"ge": 0, "help": "AdamW weight decay"})
+        anchors: int = field(default=4, metadata={"ge": 1, "help": "SCA anchor queries"})
+        dropout: float = field(default=0.1, metadata={"ge": 0, "lt": 1, "help": "SCA/SAF dropout"})
+        res_scale: float = field(default=0.01, metadata={"help": "initial SCA residual scale"})
+        margin: float = field(default=0.5, metadata={"help": "prototype margin: relu(cos(a, n) + margin)"})
+        topk_ratio: float = field(
+            default=0.01, metadata={"gt": 0, "le": 1, "help": "image score: mean of this top fraction of pixels"}
+        )
+        sigma: float = field(default=4.0, metadata={"inference": True, "ge": 0, "help": "Gaussian map smoothing"})
 
     def __init__(self, backbone: Backbone, config: Config | None = None, device: str | torch.device = "cpu") -> None:
         super().__init__(backbone, config, device)
-        self.vit = FrozenViT(backbone, self.name)
+        self.tower = vision_tower(backbone, self.name)
         backbone.requires_grad_(False)  # frozen by contract; gradients only reach the learned parts
-        self.blocks = resolve_blocks(self.config.layers, len(self.vit.blocks), self.name)
+        self.blocks = resolve_blocks(self.config.layers, self.tower.num_blocks, self.name)
         self.head = self.new_head()
 
     def new_head(self) -> VisualADHead:
         """Freshly initialised learnable parts (drawn from torch's global RNG), in eval mode."""
         cfg = self.config
-        return VisualADHead(self.vit, len(self.blocks), cfg.anchors, cfg.dropout, cfg.res_scale).to(self.device).eval()
+        return (
+            VisualADHead(self.tower, len(self.blocks), cfg.anchors, cfg.dropout, cfg.res_scale).to(self.device).eval()
+        )
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """Anomaly and normal prototypes ``(B, C)`` and per feature layer normed patch tokens ``(B, N, C)``."""
-        head = self.head
-        x = self.vit.embed(images)
-        extra = self.vit.prepare(torch.stack([head.anomaly_token, head.normal_token]) + head.token_pos)
-        x = torch.cat([extra.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        head, tower = self.head, self.tower
+        x = tower.insert(tower.embed(images), torch.stack([head.anomaly_token, head.normal_token]))
+        start = 2 + tower.num_prefix_tokens  # the two inserted tokens, CLS (and registers), then patches
         patches = []
-        for i, block in enumerate(self.vit.blocks, start=1):
-            x = self.vit.run_block(block, x)
+        for i in range(1, tower.num_blocks + 1):
+            x = tower.run_block(i, x)
             if i in self.blocks:
-                patches.append(head.norm(x[:, 3:].float()))
+                patches.append(head.norm(x[:, start:].float()))
         last = head.norm(x[:, :2].float())
         return last[:, 0], last[:, 1], patches
 
