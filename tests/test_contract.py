@@ -15,11 +15,13 @@ import dataclasses
 import enum
 import functools
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from zsad_bench.backbones import Backbone, backbones_for, check_method_backbone, create_backbone, list_backbones
 from zsad_bench.backbones.base import split_layer
@@ -111,12 +113,23 @@ def test_every_method_runs_on_some_backbone(method: str) -> None:
     assert any(m == method for m, _ in PAIRS), f"{method} supports none of {METHOD_BACKBONES}"
 
 
+_IMAGES = Path(tempfile.mkdtemp(prefix="zsad-contract-"))
+
+
+def _image_file(seed: int, i: int) -> Path:
+    """A real (tiny) image file for a sample: methods may read the file's header (AnomalyDINO's original size)."""
+    path = _IMAGES / f"{seed}-{i}.png"
+    if not path.exists():
+        Image.new("RGB", (24 + 8 * i, 16), (40 * i % 256, 90, 160)).save(path)
+    return path
+
+
 def _source(backbone: Backbone, cls: type[Detector], det: Detector, n: int, seed: int) -> FeatureSource:
     """``n`` random images (odd ones anomalous, with a square mask), their features in memory when needed."""
     size = backbone.image_size
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, size, size, generator=g)
-    samples = [Sample(Path(f"/contract/{seed}/{i}.png"), "metal_nut", i % 2, None, "good", "test") for i in range(n)]
+    samples = [Sample(_image_file(seed, i), "metal_nut", i % 2, None, "good", "test") for i in range(n)]
     index = {s.image_path: i for i, s in enumerate(samples)}
 
     def mask(sample: Sample, s: int) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from zsad_bench.backbones.base import Backbone, Features, Preprocess
+from zsad_bench.backbones.base import Backbone, Capabilities, Features, Preprocess
 from zsad_bench.data.records import Sample
 from zsad_bench.detector import FitContext, LearningType, create_method, get_method_class
 from zsad_bench.errors import ZsadError
@@ -26,6 +26,7 @@ class ConvBackbone(Backbone):
     patch_size = 4
     embed_dim = 8
     default_layers = ("last",)
+    capabilities = Capabilities(None, ("last",), global_token=False, extra_layers=("last",))
 
     def __init__(self, size: int = 32) -> None:
         super().__init__()

@@ -119,7 +119,7 @@ def test_point_ids_survive_grid_edits(tmp_path: Path) -> None:
         (GRID.replace("image_size = 64", 'image_size = "big"'), 6, "image_size: expected an integer"),
         (GRID.replace('method = ["spg", "spg-topk"]', 'method = "spg"'), 14, "an axis is a non-empty list"),
         (GRID.replace("set.sae_k = [4, 8]", "set.sae_kk = [4, 8]"), 15, "has no option 'sae_kk'"),
-        (GRID.replace("sae_epochs = 1", "sae_epochs = -1"), 11, "spg.sae_epochs: must be >= 0"),
+        (GRID.replace("sae_epochs = 1", "sae_epochs = -1"), 11, "spg.sae_epochs=-1: must be >= 0"),
         (GRID.replace('"spg-topk"]', '"spg-topk", "spgg"]'), 14, "spgg"),
         (GRID.replace("seed = 222\n", "shots = 1\n"), 20, "exclude.shots: not a [grid] axis"),
         (GRID.replace("threads = 1", "threads = 0"), 2, "sweep.threads: expected an integer >= 1"),

@@ -106,10 +106,11 @@ class Detector(ABC):
     learning_type: ClassVar[LearningType]
     paper: ClassVar[str] = ""
     default_backbone: ClassVar[str] = "effnet-lite0"
-    default_image_size: ClassVar[int | None] = None  # the paper's input size; None: the backbone's own
     supported_backbones: ClassVar[tuple[str, ...] | None] = None  # None: any registered backbone
     needs_images: ClassVar[bool] = False
-    needs_text: ClassVar[bool] = False
+    needs_text: ClassVar[bool] = False  # a text tower (CLIP methods)
+    needs_token_insertion: ClassVar[bool] = False  # inserts learned tokens into the ViT (backbone.tower)
+    needs_blocks: ClassVar[bool] = False  # reads transformer blocks (a ViT)
     feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
     # Transitional: Config fields that only affect predict(). New code marks the field instead,
     # ``field(default=..., metadata={"inference": True})``; :func:`inference_options` reads both.
@@ -117,7 +118,7 @@ class Detector(ABC):
     # Variants of one method share reusable artifacts (e.g. spg-topk reuses spg's SAEs); default: name.
     artifacts_family: ClassVar[str] = ""
     # What the method's paper ran (zsad_bench.presets.PaperSetting: backbone, size, layers, protocol options);
-    # None: default_backbone / default_image_size / feature_layers stand in (``--preset paper``).
+    # None: default_backbone at its own size with feature_layers stands in (``--preset paper``).
     paper_setting: ClassVar[Any] = None
     # Options applied from the *target* dataset's kind ("mvtec", "visa"), under every preset.
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
@@ -198,18 +199,18 @@ def get_method_class(name: str) -> type[Detector]:
 
 def create_method(name: str, backbone: Backbone, device: str | torch.device = "cpu", **overrides: Any) -> Detector:
     """Build method ``name`` on ``backbone`` with config overrides (unknown keys are an error)."""
+    from zsad_bench.backbones.base import check_method_capabilities
+
     cls = get_method_class(name)
-    check_backbone(cls, backbone.name)
+    check_method_capabilities(cls, getattr(backbone, "capabilities", None), backbone.name)
     return cls(backbone, parse_overrides(cls, overrides), device)
 
 
 def check_backbone(cls: type[Detector], backbone_name: str) -> None:
-    """Refuse a backbone outside ``cls.supported_backbones`` (CLIP text methods, ViT-only methods)."""
-    if cls.supported_backbones is not None and backbone_name not in cls.supported_backbones:
-        raise ZsadError(
-            f"method '{cls.name}' does not run on backbone '{backbone_name}'; "
-            f"use --backbone {' or '.join(cls.supported_backbones)}"
-        )
+    """Refuse a backbone whose declared capabilities the method lacks (text tower, token insertion, layers)."""
+    from zsad_bench.backbones.base import check_method_backbone
+
+    check_method_backbone(cls, backbone_name)
 
 
 class PluginError(ZsadError):

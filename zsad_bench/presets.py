@@ -22,7 +22,7 @@ Presets:
 
 The detector base class does not (yet) declare ``paper_setting``, ``dataset_defaults``, ``is_control`` or
 ``layers_for``; this module reads them with ``getattr`` and these defaults: no paper setting (the class's
-``default_backbone``/``default_image_size``/``feature_layers`` stand in), no dataset defaults, not a
+``default_backbone`` at its own input size and ``feature_layers`` stand in), no dataset defaults, not a
 control, ``layers_for`` = ``feature_layers``.
 """
 
@@ -38,6 +38,8 @@ PRESETS: tuple[str, ...] = ("paper", "matched", "control")
 DATASET_KINDS: tuple[str, ...] = ("mvtec", "visa")
 # The backbone a matched comparison runs on when the user names none: SPG's (the method being compared).
 MATCHED_BACKBONE = "dinov3"
+# ... and for methods that need a text tower: the CLIP ViT-L/14@336 of the SPG paper's comparison tables.
+MATCHED_TEXT_BACKBONE = "openclip"
 # Named control variants of real methods: preset "control" of method NAME applies these options.
 CONTROL_PRESETS: dict[str, dict[str, Any]] = {
     "spg": {"guide_epochs": 0},  # untrained (randomly initialised) guides: the floor of SPG's training
@@ -101,16 +103,19 @@ def paper_setting(cls: type) -> PaperSetting:
         return declared
     return PaperSetting(
         getattr(cls, "default_backbone", MATCHED_BACKBONE),
-        getattr(cls, "default_image_size", None),
+        None,
         getattr(cls, "feature_layers", None),
     )
 
 
 def matched_backbone(cls: type) -> str:
-    """:data:`MATCHED_BACKBONE`, or the paper's backbone for a method that cannot run on it (text methods)."""
+    """:data:`MATCHED_BACKBONE`; for a method that cannot run on it (text methods) :data:`MATCHED_TEXT_BACKBONE`
+    when it runs there (the SPG paper's CLIP comparisons), else its paper's backbone."""
     supported = getattr(cls, "supported_backbones", None)
     if supported is None or MATCHED_BACKBONE in supported:
         return MATCHED_BACKBONE
+    if MATCHED_TEXT_BACKBONE in supported:
+        return MATCHED_TEXT_BACKBONE
     return paper_setting(cls).backbone
 
 

@@ -88,6 +88,20 @@ def resolve_protocol(
     return [Leg(protocol, (mvtec,), (visa,))]
 
 
+def target_kind(protocol: str | None, targets: list[str] | tuple[str, ...] = ()) -> str | None:
+    """The dataset kind (``mvtec``/``visa``) every target of a run shares, from names alone (no disk access).
+
+    Named protocols: ``visa-to-mvtec`` -> mvtec, ``mvtec-to-visa`` -> visa; the others mix kinds or have
+    none. Free-form targets: the kind of their scheme when all agree (``zsad_bench.presets.dataset_kind``).
+    """
+    from zsad_bench.presets import dataset_kind
+
+    if protocol is not None:
+        return {"visa-to-mvtec": "mvtec", "mvtec-to-visa": "visa"}.get(protocol)
+    kinds = {dataset_kind(t) for t in targets}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def few_shot_legs(legs: list[Leg]) -> list[Leg]:
     """Few-shot methods ignore the auxiliary set: one leg per distinct target set, named after it.
 

@@ -343,14 +343,19 @@ def check_method_backbone(method_cls: type, backbone_name: str) -> None:
     ``needs_token_insertion`` (:class:`VisionTower`), ``needs_blocks`` (a ViT) and the layers it asks for
     (``layers_for(capabilities)`` when defined, else ``feature_layers``), checked against the declared names.
     """
-    spec = BACKBONES.get(backbone_name)
-    caps = spec.capabilities
+    check_method_capabilities(method_cls, BACKBONES.get(backbone_name).capabilities, backbone_name)
+
+
+def check_method_capabilities(method_cls: type, caps: Capabilities | None, backbone_name: str) -> None:
+    """:func:`check_method_backbone` against given capabilities (a built backbone's own; None: undeclared)."""
     name = getattr(method_cls, "name", method_cls.__name__)
     supported = getattr(method_cls, "supported_backbones", None)
     if supported is not None and backbone_name not in supported:
         raise ZsadError(
             f"method '{name}' does not run on backbone '{backbone_name}'; use --backbone {' or '.join(supported)}"
         )
+    if caps is None:  # a stand-in backbone that declares nothing: only the explicit list applies
+        return
     wanted = [
         (getattr(method_cls, "needs_text", False) and not caps.text, "a text tower"),
         (getattr(method_cls, "needs_token_insertion", False) and not caps.token_insertion, "token insertion"),

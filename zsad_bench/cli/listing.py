@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def method_rows(pattern: str = "*", learning_type: str | None = None, controls: bool = False) -> list[list[str]]:
     """One row per method (or, with ``controls``, per control): name, learning type, default backbone,
     backbones it runs on, input, paper."""
+    from zsad_bench.backbones import backbones_for, list_backbones
     from zsad_bench.detector import get_method_class, list_methods
     from zsad_bench.presets import is_control
 
@@ -36,12 +37,10 @@ def method_rows(pattern: str = "*", learning_type: str | None = None, controls: 
         cls = get_method_class(name)
         if is_control(cls) != controls:
             continue
-        if cls.supported_backbones is None:
-            backbones = "any"
-        else:
-            backbones = ", ".join(cls.supported_backbones)
-            if cls.needs_text:
-                backbones += " (needs a text tower)"
+        fits = backbones_for(cls)
+        backbones = "any" if fits == [s.name for s in list_backbones()] else ", ".join(fits)
+        if cls.needs_text:
+            backbones += " (needs a text tower)"
         inputs = "images" if cls.needs_images else "cached features"
         rows.append([name, str(cls.learning_type), cls.default_backbone, backbones, inputs, cls.paper])
     return rows

@@ -139,7 +139,6 @@ class AnomalyDINO(Detector):
     learning_type = LearningType.FEW_SHOT
     paper = "Damm et al., AnomalyDINO, WACV 2025 (github.com/dammsi/AnomalyDINO)"
     default_backbone = "dinov2-vits14"
-    default_image_size = 448
     needs_images = True
     paper_setting: ClassVar[PaperSetting] = PaperSetting(
         "dinov2-vits14", 448, note="DINOv2 ViT-S/14 at 448 px, last block after the final norm, 8 rotations"

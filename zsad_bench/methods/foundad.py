@@ -235,7 +235,6 @@ class FoundAD(Detector):
     learning_type = LearningType.FEW_SHOT
     paper = "Zhai et al., Foundation Visual Encoders Are Secretly Few-Shot Anomaly Detectors, ICLR 2026"
     default_backbone = "dinov3"
-    default_image_size = 512
     needs_images = True
     paper_setting: ClassVar[PaperSetting] = PaperSetting(
         "dinov3",
@@ -293,13 +292,12 @@ class FoundAD(Detector):
 
     def feature_layer(self) -> str | None:
         """Block ``block_from_end`` from the end (``"N:norm"`` when final-normed), else None (default layer)."""
-        caps = getattr(self.backbone, "capabilities", None)
-        # Until every backbone declares capabilities.num_blocks, the HF ViTs' num_layers stands in.
-        depth = getattr(caps, "num_blocks", None) or getattr(self.backbone, "num_layers", None)
-        if not isinstance(depth, int) or self.config.block_from_end < 1:
+        caps = self.backbone.capabilities
+        depth = caps.num_blocks
+        if depth is None or self.config.block_from_end < 1:
             return None
         block = max(1, depth - self.config.block_from_end + 1)
-        normed = self.config.final_norm and bool(getattr(caps, "normed_layers", False))
+        normed = self.config.final_norm and caps.normed_layers
         return f"{block}:norm" if normed else str(block)
 
     def batch_indices(self, n_refs: int, gen: torch.Generator) -> list[list[int]]:

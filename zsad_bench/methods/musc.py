@@ -136,7 +136,6 @@ class MuSc(Detector):
     learning_type = LearningType.TRAINING_FREE
     paper = "Li et al., MuSc, ICLR 2024 (github.com/xrli-U/MuSc)"
     default_backbone = "openclip"
-    default_image_size = 518
     paper_setting: ClassVar[PaperSetting] = PaperSetting(
         "openclip", 518, note="CLIP ViT-L/14@336 (openai) at 518 px, raw outputs of blocks 6/12/18/24 averaged"
     )

@@ -48,7 +48,7 @@ from zsad_bench.features import (
 from zsad_bench.metrics import METRICS, MetricAccumulator
 from zsad_bench.paths import cache_dir
 from zsad_bench.presets import ResolvedSettings
-from zsad_bench.protocols import Leg, few_shot_legs, resolve_protocol
+from zsad_bench.protocols import Leg, few_shot_legs, resolve_protocol, target_kind
 from zsad_bench.results import ImageRecord
 from zsad_bench.runner.checkpoints import SUFFIX, load_checkpoint, save_checkpoint
 from zsad_bench.runner.spec import AUX_SPLITS, RunSpec, check_learning_type, resolve_device, seed_everything
@@ -92,12 +92,6 @@ class Resolved:
         return self.settings.image_size
 
 
-def targets_kind(targets: Sequence[str]) -> str | None:
-    """The dataset kind (``mvtec``/``visa``) shared by every target spec, else None (no per-dataset defaults)."""
-    kinds = {presets.dataset_kind(t) for t in targets}
-    return kinds.pop() if len(kinds) == 1 else None
-
-
 def resolve(spec: RunSpec) -> Resolved:
     """Check ``spec`` cheaply (method, options, protocol, learning type, backbone) and resolve its preset."""
     cls = get_method_class(spec.method)
@@ -112,7 +106,7 @@ def resolve(spec: RunSpec) -> Resolved:
 
     def settings_for(targets: Sequence[str]) -> ResolvedSettings:
         return presets.resolve(
-            cls, spec.preset, targets_kind(targets), spec.backbone, spec.method_config, spec.image_size
+            cls, spec.preset, target_kind(None, targets), spec.backbone, spec.method_config, spec.image_size
         )
 
     settings = settings_for([t for leg in legs for t in leg.targets])

@@ -265,9 +265,12 @@ def resolve(variant: Variant, where: Any) -> tuple[Any, dict[str, Any]]:
         config = dataclasses.asdict(parse_overrides(cls, spec.method_config))
     except ZsadError as exc:
         raise ZsadError(f"{where('set')}: {exc}") from None
-    from zsad_bench.runner.session import resolve as resolve_run
+    from zsad_bench import presets
+    from zsad_bench.protocols import target_kind
 
-    settings = resolve_run(spec).settings  # the preset's backbone, size and layers, as the runner resolves them
+    # the preset's backbone, size and layers, as the runner resolves them (from names: no dataset is opened)
+    kind = target_kind(spec.protocol, spec.targets)
+    settings = presets.resolve(cls, spec.preset, kind, spec.backbone, spec.method_config, spec.image_size)
     resolved = {
         f.name: getattr(spec, f.name)
         for f in dataclasses.fields(spec)
