@@ -25,7 +25,7 @@ from zsad_bench.data import (
     validate,
 )
 from zsad_bench.data.check import check_dataset
-from zsad_bench.data.io import load_image, load_mask, mask_values
+from zsad_bench.data.io import load_image, load_mask, mask_values, resize_mask
 from zsad_bench.errors import DataError, ZsadError
 from zsad_bench.metrics import IMAGE_METRICS, PIXEL_METRICS, MetricAccumulator, category_mean
 from zsad_bench.paths import cache_dir
@@ -394,3 +394,14 @@ def test_good_devices_pass() -> None:
         "cuda:1",
         "mps",
     ]
+
+
+def test_one_mask_resize() -> None:
+    # PIL bilinear 2x2 -> 4x4, pixel centres: per axis the 255 pixel gives 255, 191, 64, 0; > 127.5 keeps 2x2
+    expected = np.zeros((4, 4), bool)
+    expected[:2, :2] = True
+    assert np.array_equal(resize_mask(np.array([[1, 0], [0, 0]], bool), 4), expected)
+    # the accumulator resizes with the same function: a map equal to that block scores the mask perfectly
+    acc = MetricAccumulator(("pixel_auroc",), resolution=4)
+    acc.update(expected[None].astype(np.float32), np.array([[[1, 0], [0, 0]]], bool), None, None)
+    assert acc.compute() == {"pixel_auroc": 1.0}
