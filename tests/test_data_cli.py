@@ -75,3 +75,16 @@ def test_synth_is_byte_identical_to_the_cached_set(tmp_path: Path, capsys: pytes
     # a second run refuses to overwrite
     assert main(["data", "synth", str(tmp_path), "--quiet"]) == 2
     assert "already exists; remove it or choose another output folder" in capsys.readouterr().err
+
+
+def test_check_accepts_an_image_label_only_category(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _dataset(tmp_path)
+    for mask in (root / "widget" / "ground_truth").rglob("*.png"):
+        mask.unlink()
+    for folder in sorted((root / "widget" / "ground_truth").rglob("*"), reverse=True):
+        folder.rmdir()
+    (root / "widget" / "ground_truth").rmdir()
+    assert main(["data", "check", f"folder:{root}", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "category 'widget' has image labels only (no masks); pixel metrics will not be computed" in out
+    assert out.rstrip().endswith("OK: 0 errors, 1 warning")

@@ -104,8 +104,10 @@ def test_visa_csv_problems(tmp_path: Path) -> None:
     _raises(f"visa:{tmp_path}", f"{csv_path} line 3: image file", "Normal/9.JPG does not exist")
     _visa(tmp_path, [BAD_ROW.replace("Masks/Anomaly/1.png", "Masks/Anomaly/7.png")])
     _raises(f"visa:{tmp_path}", f"{csv_path} line 2: mask file", "7.png does not exist")
-    _visa(tmp_path, [BAD_ROW.rsplit(",", 1)[0] + ","])
-    _raises(f"visa:{tmp_path}", "line 2: anomalous image", "has no mask")
+    # one anomalous row with a mask and one without: masks for all or for none of a category
+    _visa(tmp_path, [BAD_ROW, BAD_ROW.replace("/1.JPG", "/2.JPG").rsplit(",", 1)[0] + ","])
+    _png(tmp_path / "pcb1" / "Data" / "Images" / "Anomaly" / "2.JPG", _grey(20))
+    _raises(f"visa:{tmp_path}", "line 3: anomalous image has no mask column value", "other anomalous images")
     _visa(tmp_path, [GOOD_ROW.replace("normal", "weird")])
     _raises(f"visa:{tmp_path}", "line 2: label 'weird' is not one of normal, anomaly")
     _visa(tmp_path, [GOOD_ROW], header="a,b,c")
@@ -120,8 +122,9 @@ def test_meta_json_problems(tmp_path: Path) -> None:
     meta.write_text('{"val": {}}')
     _raises(f"meta:{meta}", "expected an object with 'train' and/or 'test' sections")
     rec = {"img_path": "widget/test/dent/c.png", "mask_path": "", "anomaly": 1, "specie_name": "dent"}
-    meta.write_text(json.dumps({"test": {"widget": [rec]}}))
-    _raises(f"meta:{tmp_path}", "test/widget[0] anomalous image", "has no mask_path")
+    masked = rec | {"img_path": "widget/test/good/b.png", "mask_path": "widget/ground_truth/dent/c_mask.png"}
+    meta.write_text(json.dumps({"test": {"widget": [masked, rec]}}))
+    _raises(f"meta:{tmp_path}", "anomalous image", "c.png of class 'widget' has no mask_path, but other")
     meta.write_text(json.dumps({"test": {"widget": [rec | {"img_path": "widget/test/dent/zz.png"}]}}))
     _raises(f"meta:{tmp_path}", "test/widget[0] image file", "zz.png does not exist")
     meta.write_text('{"test": {"widget": [{"img_path": "widget/test/dent/c.png"}]}}')

@@ -111,6 +111,8 @@ class Detector(ABC):
     needs_text: ClassVar[bool] = False  # a text tower (CLIP methods)
     needs_token_insertion: ClassVar[bool] = False  # inserts learned tokens into the ViT (backbone.tower)
     needs_blocks: ClassVar[bool] = False  # reads transformer blocks (a ViT)
+    # Zero-shot methods learn from the auxiliary set's anomalous pixels; False for one trained on image labels.
+    needs_aux_masks: ClassVar[bool] = True
     feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
     # Transitional: Config fields that only affect predict(). New code marks the field instead,
     # ``field(default=..., metadata={"inference": True})``; :func:`inference_options` reads both.

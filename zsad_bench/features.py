@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from zsad_bench.backbones.base import Backbone, Features
-from zsad_bench.data.io import load_image
+from zsad_bench.data.io import DECODING, load_image
 from zsad_bench.data.records import Sample
 from zsad_bench.errors import DataError, ZsadError
 from zsad_bench.paths import cache_dir
@@ -97,6 +97,8 @@ def feature_key_parts(backbone: Backbone, precision: str, device: str | torch.de
         "device_class": device_class(device),
         "torch": ".".join(torch.__version__.split("+")[0].split(".")[:2]),
         "library": backbone_library(backbone),
+        # how image files become pixels (EXIF orientation, 16-bit scaling): a change recomputes the features
+        "decoding": hashlib.sha1(json.dumps(DECODING, sort_keys=True).encode()).hexdigest()[:12],
     }
 
 

@@ -5,15 +5,32 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from zsad_bench.errors import ZsadError
+
+
+def usable_folder(path: Path, what: str) -> Path:
+    """``path`` if it is a folder or can become one: no part of it may be an existing non-folder.
+
+    A one-line :class:`ZsadError` naming ``what`` (e.g. the variable that set it) otherwise, instead of a
+    ``NotADirectoryError`` traceback at the first write.
+    """
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f" ({part} is a file)"
+                raise ZsadError(f"{path}: {what} is not a folder{where}; point it at a folder")
+            break
+    return path
+
 
 def cache_dir() -> Path:
     """Root of the feature cache and of reusable fitted artifacts (created on demand)."""
     env = os.environ.get("ZSAD_BENCH_CACHE")
     if env:
-        return Path(env).expanduser()
+        return usable_folder(Path(env).expanduser(), "ZSAD_BENCH_CACHE")
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "zsad-bench"
+    return usable_folder(base / "zsad-bench", "the cache folder ($XDG_CACHE_HOME/zsad-bench)")
 
 
 def project_root() -> Path:

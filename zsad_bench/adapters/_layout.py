@@ -8,11 +8,16 @@ Layout of one category::
     <category>/ground_truth/<defect>/<stem>_mask.png   (or <stem>.png)
 
 Every folder under ``train/`` and ``test/`` named ``good`` holds normal images; any other folder
-holds anomalous images, each of which must have a mask in ``ground_truth/<defect>/``.
+holds anomalous images, each with a mask in ``ground_truth/<defect>/``. A category without any
+mask (no ``ground_truth/`` folder) is image-label-only: image metrics only. Non-regular entries
+with an image name (FIFOs, devices, broken links, symlink loops) are refused: reading them would
+block or fail later.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,9 +65,47 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTS and not path.name.startswith(".")
 
 
+def require_dir(path: Path, what: str = "dataset root") -> Path:
+    """``path`` if it is a folder; a one-line :class:`DataError` if it is a file or cannot be read."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} does not exist; check the path") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the {what} ({exc.strerror}); fix the path or its permissions") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise DataError(f"{path}: the {what} is a file, not a folder; pass the folder that holds the dataset")
+    return path
+
+
+def listdir(folder: Path) -> list[Path]:
+    """Entries of ``folder`` sorted by name; an unreadable folder is a one-line :class:`DataError`."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list the folder ({exc.strerror}); fix its permissions") from None
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files of ``folder`` sorted by name; an entry with an image name that is not a regular file
+    (FIFO, device, broken link, symlink loop) is a :class:`DataError`: reading it would block or fail."""
+    found = []
+    for p in listdir(folder):
+        if not is_image(p):
+            continue
+        try:
+            regular = stat.S_ISREG(os.stat(p).st_mode)
+        except OSError as exc:
+            raise DataError(f"{p}: cannot read it ({exc.strerror}); fix or remove the file") from None
+        if not regular:
+            raise DataError(f"{p}: not a regular file (a folder, FIFO, socket or device); remove it from the dataset")
+        found.append(p)
+    return found
+
+
 def subdirs(folder: Path) -> list[Path]:
     """Visible sub-folders of ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in listdir(folder) if p.is_dir() and not p.name.startswith(".")]
 
 
 def sample_order(s: Sample) -> tuple[int, int, str, str]:
@@ -82,6 +125,7 @@ def is_category_dir(folder: Path) -> bool:
 
 def category_dirs(root: Path, layout: str) -> list[Path]:
     """The category folders of an MVTec-like ``root``; ``root`` itself when it is one category."""
+    require_dir(root)
     if is_category_dir(root):
         return [root]
     found = [d for d in subdirs(root) if is_category_dir(d)]
@@ -102,19 +146,24 @@ def _mask_index(folder: Path) -> dict[str, Path]:
     """Mask files of one ``ground_truth/<defect>`` folder by stem."""
     if not folder.is_dir():
         return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if is_image(p)}
+    return {p.stem: p for p in image_files(folder)}
 
 
 def scan_category(cat_dir: Path, category: str) -> list[Sample]:
-    """All samples of one MVTec-layout category folder, in :func:`sample_order`."""
+    """All samples of one MVTec-layout category folder, in :func:`sample_order`.
+
+    Without a ``ground_truth/`` folder the category is image-label-only (anomalous images get no
+    mask); with one, every anomalous image must have its mask.
+    """
     samples: list[Sample] = []
+    labelled = (cat_dir / "ground_truth").is_dir()
     for split in SPLITS:
         split_dir = cat_dir / split
         if not split_dir.is_dir():
             continue
         for kind_dir in subdirs(split_dir):
             defect = kind_dir.name
-            images = sorted(p for p in kind_dir.iterdir() if is_image(p))
+            images = image_files(kind_dir)
             if defect == GOOD:
                 samples += [Sample(p, category, NORMAL, None, GOOD, split) for p in images]
                 continue
@@ -122,10 +171,11 @@ def scan_category(cat_dir: Path, category: str) -> list[Sample]:
             masks = _mask_index(gt_dir)
             for p in images:
                 mask = masks.get(f"{p.stem}_mask") or masks.get(p.stem)
-                if mask is None:
+                if mask is None and labelled:
                     raise DataError(
                         f"{p}: anomalous image has no mask (looked for {gt_dir}/{p.stem}_mask.png and "
-                        f"{gt_dir}/{p.stem}.png); add the mask or remove the image"
+                        f"{gt_dir}/{p.stem}.png); add the mask or remove the image (or remove "
+                        f"{cat_dir / 'ground_truth'} for image labels only)"
                     )
                 samples.append(Sample(p, category, ANOMALOUS, mask, defect, split))
     if not samples:

@@ -4,19 +4,35 @@ Format: ``{"train": {cls: [rec, ...]}, "test": {cls: [rec, ...]}}`` where each r
 ``img_path`` and ``mask_path`` (relative to the folder holding meta.json; ``""`` for normal images),
 ``cls_name`` (unused: the class key is the category), ``specie_name`` (defect folder; ``""`` in VisA)
 and ``anomaly`` (0/1). ``PATH`` is the dataset root holding ``meta.json`` or the json file itself.
+A class whose anomalous records all have an empty ``mask_path`` is image-label-only; a class with
+some masks must have all of them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from zsad_bench.adapters._layout import SPLITS, sample_order
 from zsad_bench.data import ANOMALOUS, NORMAL, Dataset, Sample, register_dataset
+from zsad_bench.data.io import check_regular_file
 from zsad_bench.errors import DataError
 
 REQUIRED = ("img_path", "mask_path", "anomaly")
+
+
+def _listed_file(json_path: Path, where: str, base: Path, rel: str, what: str) -> Path:
+    """``base / rel`` after checking that it is a regular file (a FIFO would block the read)."""
+    path = base / rel
+    if not rel or not os.path.lexists(path):
+        raise DataError(f"{json_path}: {where} {what} file {path} does not exist; check the dataset root")
+    try:
+        check_regular_file(path, what)
+    except DataError as exc:
+        raise DataError(f"{json_path}: {where}: {exc}") from None
+    return path
 
 
 def _record(json_path: Path, split: str, cls: str, index: int, rec: Any) -> Sample:
@@ -27,26 +43,18 @@ def _record(json_path: Path, split: str, cls: str, index: int, rec: Any) -> Samp
     if rec["anomaly"] not in (0, 1):
         raise DataError(f"{json_path}: {where} has anomaly={rec['anomaly']!r}; must be 0 or 1")
     label = ANOMALOUS if rec["anomaly"] == 1 else NORMAL
-    image = base / str(rec["img_path"])
-    if not rec["img_path"] or not image.is_file():
-        raise DataError(f"{json_path}: {where} image file {image} does not exist; check the dataset root")
+    image = _listed_file(json_path, where, base, str(rec["img_path"] or ""), "image")
     mask = None
-    if label == ANOMALOUS:
-        if not rec["mask_path"]:
-            raise DataError(f"{json_path}: {where} anomalous image {image} has no mask_path; add its mask")
-        mask = base / str(rec["mask_path"])
-        if not mask.is_file():
-            raise DataError(f"{json_path}: {where} mask file {mask} does not exist; check the dataset root")
+    if label == ANOMALOUS and rec["mask_path"]:
+        mask = _listed_file(json_path, where, base, str(rec["mask_path"]), "mask")
     specie = str(rec.get("specie_name") or "")
     defect = "good" if label == NORMAL else (specie if specie and specie != "good" else "bad")
     return Sample(image, cls, label, mask, defect, split)
 
 
 @register_dataset("meta", "meta.json index of AnomalyCLIP/AdaCLIP/SPG (PATH = dataset root or the json file)")
-def load_meta(root: Path | None) -> Dataset:
+def load_meta(root: Path) -> Dataset:
     """The samples listed in ``root/meta.json`` (or the json file ``root``)."""
-    if root is None:
-        raise DataError("dataset 'meta' needs a path: use meta:/path/to/root (holding meta.json)")
     json_path = root if root.is_file() else root / "meta.json"
     if not json_path.is_file():
         raise DataError(f"{root}: no meta.json found (looked for {json_path}); pass the dataset root or the json")
@@ -70,6 +78,14 @@ def load_meta(root: Path | None) -> Dataset:
             bucket += [_record(json_path, split, cls, i, r) for i, r in enumerate(recs)]
     if not by_cat:
         raise DataError(f"{json_path}: lists no classes; regenerate meta.json")
+    for cls, recs in by_cat.items():
+        anomalous = [s for s in recs if s.label == ANOMALOUS]
+        without = [s for s in anomalous if s.mask_path is None]
+        if without and len(without) < len(anomalous):
+            raise DataError(
+                f"{json_path}: anomalous image {without[0].image_path} of class '{cls}' has no mask_path, but other "
+                "anomalous images of the class have masks; add its mask (masks for all or for none)"
+            )
     empty = [c for c, recs in by_cat.items() if not recs]
     if empty:
         raise DataError(f"{json_path}: class '{empty[0]}' lists no images; remove it or regenerate meta.json")

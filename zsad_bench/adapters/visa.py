@@ -11,12 +11,15 @@ category folder)::
 
     visa_pytorch/<cat>/train/good, test/good, test/bad, ground_truth/bad/<stem>.png   (0/255)
 
-Both give the same sample keys: normal images are ``good``, anomalous ones ``bad``.
+Both give the same sample keys: normal images are ``good``, anomalous ones ``bad``. A category whose
+anomalous rows all leave ``mask`` empty (or, in the anomalib layout, that has no ``ground_truth/``)
+is image-label-only; a category with some masks must have all of them.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 from zsad_bench.adapters._layout import (
@@ -25,15 +28,29 @@ from zsad_bench.adapters._layout import (
     is_category_dir,
     load_mvtec_like,
     order_categories,
+    require_dir,
     sample_order,
     subdirs,
 )
 from zsad_bench.data import ANOMALOUS, NORMAL, Dataset, Sample, register_dataset
+from zsad_bench.data.io import check_regular_file
 from zsad_bench.errors import DataError
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 CSV_COLUMNS = ("object", "split", "label", "image", "mask")
 LABELS = {"normal": NORMAL, "anomaly": ANOMALOUS}
+
+
+def _listed_file(csv_path: Path, line: int, root: Path, rel: str, what: str) -> Path:
+    """``root / rel`` after checking that it is a regular file (a FIFO would block the read)."""
+    path = root / rel
+    if not rel or not os.path.lexists(path):
+        raise DataError(f"{csv_path} line {line}: {what} file {path} does not exist; check the VisA root")
+    try:
+        check_regular_file(path, what)
+    except DataError as exc:
+        raise DataError(f"{csv_path} line {line}: {exc}") from None
+    return path
 
 
 def _load_csv(root: Path) -> Dataset:
@@ -47,6 +64,7 @@ def _load_csv(root: Path) -> Dataset:
         found = ",".join(rows[0]) if rows else "an empty file"
         raise DataError(f"{csv_path}: header must be {','.join(CSV_COLUMNS)}, found {found}; use VisA's 1cls.csv")
     by_cat: dict[str, list[Sample]] = {}
+    unmasked: dict[str, int] = {}  # category -> line of its first anomalous row without a mask
     for line, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue
@@ -57,29 +75,31 @@ def _load_csv(root: Path) -> Dataset:
             raise DataError(f"{csv_path} line {line}: split '{split}' is not one of {', '.join(SPLITS)}")
         if label not in LABELS:
             raise DataError(f"{csv_path} line {line}: label '{label}' is not one of {', '.join(LABELS)}")
-        image_path = root / image
-        if not image or not image_path.is_file():
-            raise DataError(f"{csv_path} line {line}: image file {image_path} does not exist; check the VisA root")
+        image_path = _listed_file(csv_path, line, root, image, "image")
         mask_path = None
         if LABELS[label] == ANOMALOUS:
-            if not mask:
-                raise DataError(f"{csv_path} line {line}: anomalous image {image_path} has no mask column value")
-            mask_path = root / mask
-            if not mask_path.is_file():
-                raise DataError(f"{csv_path} line {line}: mask file {mask_path} does not exist; check the VisA root")
+            if mask:
+                mask_path = _listed_file(csv_path, line, root, mask, "mask")
+            else:
+                unmasked.setdefault(cat, line)
         defect = "bad" if LABELS[label] == ANOMALOUS else "good"
         by_cat.setdefault(cat, []).append(Sample(image_path, cat, LABELS[label], mask_path, defect, split))
     if not by_cat:
         raise DataError(f"{csv_path}: lists no images; use VisA's split_csv/1cls.csv")
+    for cat, line in unmasked.items():
+        if any(s.mask_path is not None for s in by_cat[cat]):
+            raise DataError(
+                f"{csv_path} line {line}: anomalous image has no mask column value, but other anomalous images of "
+                f"'{cat}' have masks; add its mask (a category has masks for all its anomalous images or for none)"
+            )
     samples = [s for c in order_categories(list(by_cat), VISA_CATEGORIES) for s in sorted(by_cat[c], key=sample_order)]
     return Dataset("visa", root, samples, "visa", {"layout": "visa-csv"})
 
 
 @register_dataset("visa", "VisA: original layout (split_csv/1cls.csv) or anomalib's visa_pytorch layout")
-def load_visa(root: Path | None) -> Dataset:
+def load_visa(root: Path) -> Dataset:
     """VisA at ``root``; the layout is detected (1cls.csv first, then the anomalib folders)."""
-    if root is None:
-        raise DataError("dataset 'visa' needs a path: use visa:/path/to/VisA")
+    require_dir(root)
     if (root / SPLIT_CSV).is_file():
         return _load_csv(root)
     converted = root / "visa_pytorch"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.features import FeatureCache
+from zsad_bench.paths import usable_folder
 from zsad_bench.sweep.fill import add_fill_parser
 
 
@@ -35,9 +36,16 @@ def _human(n: int) -> str:
     return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
 
 
+def _cache(args: argparse.Namespace) -> FeatureCache:
+    """The feature cache of ``--dir`` (or the default); a file in its place is a one-line error."""
+    if args.dir is not None:
+        usable_folder(args.dir.expanduser(), "--dir")
+    return FeatureCache(args.dir)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     """Print the cache root, totals and one line per (backbone, layers, dtype) group."""
-    info = FeatureCache(args.dir).info()
+    info = _cache(args).info()
     print(f"feature cache: {info['root']}")
     print(f"entries: {info['entries']}  size: {_human(info['bytes'])}")
     for g in info["groups"]:
@@ -48,7 +56,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_clear(args: argparse.Namespace) -> int:
     """Delete all cache groups (asks first unless ``--yes``)."""
-    cache = FeatureCache(args.dir)
+    cache = _cache(args)
     info = cache.info()
     if not info["groups"]:
         print(f"feature cache {info['root']} is already empty")

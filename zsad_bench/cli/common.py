@@ -1,8 +1,13 @@
-"""Argument helpers shared by the commands that run methods (``run``, ``bench``, ``ablate``)."""
+"""Argument helpers shared by the commands that run methods (``run``, ``bench``, ``ablate``).
+
+Numeric options and ``--device`` are checked by their argparse ``type``: a bad value is refused
+before anything runs (exit 2, the option named), never passed on to give empty metrics.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +31,47 @@ def split_csv(value: str | None) -> list[str] | None:
     return [v for v in value.split(",") if v] if value else None
 
 
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1 (sizes, batch sizes, shots)."""
+    number = _int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be a positive integer")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0 (seeds, worker counts)."""
+    number = _int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or a positive integer")
+    return number
+
+
+def device_name(value: str) -> str:
+    """argparse type: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``."""
+    if not DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value}: unknown device; use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps")
+    return value
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value}: not an integer") from None
+
+
 def add_run_arguments(p: argparse.ArgumentParser, method_required: bool = True) -> None:
     """The options that define a run (method, backbone, datasets, seeds, config overrides)."""
     p.add_argument("--method", "-m", required=method_required, help="method name (zsad-bench list methods)")
     p.add_argument("--backbone", "-b", help="backbone name (default: the method's default; zsad-bench list backbones)")
     p.add_argument("--weights", help="local weights file/dir for the backbone (default: your HF/open_clip cache)")
-    p.add_argument("--image-size", type=int, help="backbone input size S (default: the backbone's paper setting)")
+    p.add_argument(
+        "--image-size", type=positive_int, help="backbone input size S (default: the backbone's paper setting)"
+    )
     p.add_argument(
         "--protocol",
         "-p",
@@ -48,14 +88,14 @@ def add_run_arguments(p: argparse.ArgumentParser, method_required: bool = True) 
         default="test",
         help="split the auxiliary set is trained on; the cross-dataset literature uses test (default)",
     )
-    p.add_argument("--shots", type=int, help="few-shot methods: k normal train images per target category")
-    p.add_argument("--seed", type=int, nargs="+", default=[111], help="one or more seeds (default: 111)")
+    p.add_argument("--shots", type=positive_int, help="few-shot methods: k normal train images per target category")
+    p.add_argument("--seed", type=non_negative_int, nargs="+", default=[111], help="one or more seeds (default: 111)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option (repeatable)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument("--batch-size", type=int, default=8, help="inference batch size (default: 8)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="inference batch size (default: 8)")
     p.add_argument(
         "--num-workers",
-        type=int,
+        type=non_negative_int,
         help="DataLoader workers decoding images (default: from the CPU count; 0: decode in the main process)",
     )
     p.add_argument(

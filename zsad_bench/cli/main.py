@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from importlib.metadata import entry_points
+from typing import NoReturn
 
 from zsad_bench import __version__
 from zsad_bench.errors import ZsadError
@@ -34,8 +35,15 @@ COMMAND_MODULES = (
 COMMAND_GROUP = "zsad_bench.commands"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the one line every other error is (``zsad-bench: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"zsad-bench: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="zsad-bench",
         description="Benchmark harness for zero-shot anomaly detection and segmentation.",
     )

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from zsad_bench.cli.common import add_run_arguments, parse_set, split_csv
+from zsad_bench.cli.common import add_run_arguments, parse_set, positive_int, split_csv
 from zsad_bench.errors import ZsadError
 from zsad_bench.viz import NEEDS_MAPS
 
@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "fitted checkpoints.",
     )
     add_run_arguments(p, method_required=False)  # --method may come from --config
-    p.add_argument("--eval-size", type=int, help="resolution of pixel metrics (default: the input size S)")
+    p.add_argument("--eval-size", type=positive_int, help="resolution of pixel metrics (default: the input size S)")
     p.add_argument("--out", "-o", type=Path, help="results JSON path (default: results/runs/<run-id>.json)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run written to --out")
     p.add_argument("--label", help="column label in tables (default: the method's name)")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from zsad_bench.errors import DataError
 
 NORMAL = 0
 ANOMALOUS = 1
@@ -16,7 +19,8 @@ class Sample:
     """One image of a dataset.
 
     ``label`` is 0 (normal) or 1 (anomalous); ``mask_path`` is None for normal images (an all-zero
-    mask is implied) and required for anomalous test images. ``defect_type`` is ``"good"`` for
+    mask is implied) and for the anomalous images of an image-label-only category (one without any
+    mask; see :func:`pixel_labelled`). ``defect_type`` is ``"good"`` for
     normal images. ``split`` is ``"train"`` or ``"test"`` as in the dataset's own layout.
     """
 
@@ -65,11 +69,50 @@ class Dataset:
         return replace(self, samples=samples)
 
 
-def samples_fingerprint(samples: Sequence[Sample]) -> str:
-    """SHA-1 of the ordered sample records (paths, labels, masks, sizes and mtimes of images)."""
-    h = hashlib.sha1()
+def _stamp(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def samples_fingerprint(samples: Sequence[Sample], decoding: Mapping[str, str] | None = None) -> str:
+    """SHA-1 of everything about ``samples`` that can change a fit.
+
+    Per sample, in order: image path, size and mtime; mask path, size and mtime; label, defect type,
+    category and split. ``decoding`` (default: :data:`zsad_bench.data.io.DECODING`) is hashed too, so a
+    change in how files become pixels invalidates fits.
+    """
+    if decoding is None:
+        from zsad_bench.data.io import DECODING
+
+        decoding = DECODING
+    h = hashlib.sha1(json.dumps(dict(decoding), sort_keys=True).encode())
     for s in samples:
-        st = s.image_path.stat() if s.image_path.exists() else None
-        stamp = f"{st.st_size}:{st.st_mtime_ns}" if st else "missing"
-        h.update(f"{s.image_path}|{s.label}|{s.mask_path}|{s.category}|{s.split}|{stamp}\n".encode())
+        h.update(
+            f"{s.image_path}|{_stamp(s.image_path)}|{s.mask_path}|{_stamp(s.mask_path)}|"
+            f"{s.label}|{s.defect_type}|{s.category}|{s.split}\n".encode()
+        )
     return h.hexdigest()
+
+
+def pixel_labelled(samples: Sequence[Sample]) -> bool:
+    """Whether the anomalous images among ``samples`` (one category) have pixel masks.
+
+    True when every anomalous image has a mask (or there is none), False when none has one (an
+    image-label-only category: pixel metrics are not computed). Some with and some without is a
+    :class:`DataError` naming the first image without a mask.
+    """
+    anomalous = [s for s in samples if s.label == ANOMALOUS]
+    without = [s for s in anomalous if s.mask_path is None]
+    if without and len(without) < len(anomalous):
+        first = without[0]
+        raise DataError(
+            f"{first.image_path}: anomalous image has no mask, but {len(anomalous) - len(without)} other anomalous "
+            f"images of category '{first.category}' have one; add its mask or drop the image "
+            "(a category has masks for all its anomalous images or for none)"
+        )
+    return not without

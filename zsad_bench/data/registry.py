@@ -54,7 +54,11 @@ def open_dataset(spec: str, categories: Sequence[str] | None = None) -> Dataset:
     root = Path(path).expanduser() if path else None
     if root is not None and adapter.needs_path and not root.exists():
         raise DataError(f"{root}: dataset root does not exist (from '{spec}'); check the path")
-    ds = adapter.load(root)
+    try:
+        ds = adapter.load(root)
+    except OSError as exc:  # a listing or stat the adapter did not expect to fail (permissions, I/O errors)
+        where = exc.filename or root
+        raise DataError(f"{where}: cannot read ({exc.strerror or exc}); fix the path or its permissions") from None
     if categories:
         missing = [c for c in categories if c not in ds.categories]
         if missing:

@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
+from zsad_bench.data.io import resize_mask
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import _ranking
 
@@ -50,9 +50,13 @@ def _to_numpy(x: Any, dtype: type) -> np.ndarray:
 class MetricAccumulator:
     """Accumulates image scores and anomaly maps of one category; ``compute`` gives exact metrics.
 
-    ``resolution``: if set, maps (bilinear) and masks (bilinear then > 0.5, as the SPG release) whose
-    size differs are resized to ``resolution x resolution`` before evaluation. ``label`` (e.g. the
-    category) prefixes warnings.
+    ``resolution``: if set, maps (bilinear) and masks (:func:`zsad_bench.data.io.resize_mask`: bilinear
+    then > 0.5, as the SPG release) whose size differs are resized to ``resolution x resolution``
+    before evaluation. ``label`` (e.g. the category) prefixes warnings.
+
+    ``pixel_labels=False`` says the category has no masks (image labels only): ``update`` takes
+    ``masks=None`` (maps, if given, are ignored) and ``compute`` leaves the pixel metrics out of its
+    dict altogether, so they are neither reported nor averaged into means (NaN would be).
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class MetricAccumulator:
         fpr_limit: float = 0.3,
         cflow_thresholds: int = 200,
         label: str = "",
+        pixel_labels: bool = True,
     ) -> None:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
@@ -76,6 +81,7 @@ class MetricAccumulator:
         self.fpr_limit = fpr_limit
         self.cflow_thresholds = cflow_thresholds
         self.label = label
+        self.pixel_labels = pixel_labels
         self.n_images = 0
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
@@ -110,6 +116,10 @@ class MetricAccumulator:
         names = list(names) if names is not None else [f"image #{self.n_images + i}" for i in range(batch)]
         if len(names) != batch:
             raise ZsadError(f"update(): {len(names)} names for a batch of {batch} images")
+        if not self.pixel_labels:
+            if masks is not None:
+                raise ZsadError(f"{names[0]}: masks given, but this accumulator was told its category has none")
+            maps = None  # nothing to score them against
         if (scores is None) != (labels is None):
             raise ZsadError("update(): pass scores and labels together (or neither for pixel-only metrics)")
         if scores is None and any(m in IMAGE_METRICS for m in self.metrics):
@@ -191,21 +201,21 @@ class MetricAccumulator:
 
             t = torch.from_numpy(np.ascontiguousarray(amap))[None, None]
             amap = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
-        if mask.shape != size:
-            img = Image.fromarray(mask.astype(np.uint8) * 255).resize(size, Image.Resampling.BILINEAR)
-            mask = np.asarray(img) > 127.5
-        return amap, mask
+        return amap, resize_mask(mask, self.resolution)
 
     def compute(self) -> dict[str, float]:
-        """Metrics as fractions in [0, 1]; NaN (with an ``UndefinedMetricWarning``) when undefined."""
+        """Metrics as fractions in [0, 1]; NaN (with an ``UndefinedMetricWarning``) when undefined.
+
+        Without pixel labels (``pixel_labels=False``) the pixel metrics are absent from the dict.
+        """
         out: dict[str, float] = {}
         wanted_image = [m for m in self.metrics if m in IMAGE_METRICS]
-        wanted_pixel = [m for m in self.metrics if m in PIXEL_METRICS]
+        wanted_pixel = [m for m in self.metrics if m in PIXEL_METRICS and self.pixel_labels]
         if wanted_image:
             out.update(self._image_metrics(wanted_image))
         if wanted_pixel:
             out.update(self._pixel_metrics(wanted_pixel))
-        return {m: out[m] for m in self.metrics}
+        return {m: out[m] for m in self.metrics if m in out}
 
     def _warn(self, message: str) -> None:
         prefix = f"{self.label}: " if self.label else ""

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from zsad_bench.data import Dataset, open_dataset
+from zsad_bench.data import Dataset, check_aux_supervision, open_dataset, validate
 from zsad_bench.detector import LearningType
 from zsad_bench.errors import ZsadError
 from zsad_bench.results import CategoryRecord, FitRecord, RunResult
@@ -36,13 +36,20 @@ class Executor:
         self._fitted: str | None = None  # the fit node whose state the detector holds
 
     def dataset(self, spec: str) -> Dataset:
+        """A target dataset (all splits: few-shot references come from train), validated as `data check` does."""
         if spec not in self._datasets:
-            self._datasets[spec] = open_dataset(spec)  # all splits: few-shot references come from train
+            ds = open_dataset(spec)
+            for problem in validate(ds, role="target", progress=self.plan.spec.progress).warnings:
+                self.log(f"warning: {problem.path}: {problem.message}")
+            self._datasets[spec] = ds
         return self._datasets[spec]
 
     def aux_set(self, leg_name: str) -> Dataset:
+        """The leg's auxiliary set, refused when the method could not learn from it (no anomalous pixels)."""
         spec = self.plan.spec
-        return open_datasets(self.plan.leg(leg_name).aux, spec.aux_categories, spec.aux_split, "auxiliary")
+        aux = open_datasets(self.plan.leg(leg_name).aux, spec.aux_categories, spec.aux_split, "auxiliary")
+        check_aux_supervision(aux, needs_masks=self.session.cls.needs_aux_masks)
+        return aux
 
     # ---------------------------------------------------------------- nodes
     def ensure(self, node_id: str) -> None:
@@ -108,6 +115,8 @@ class Executor:
 
     def run(self, items: Sequence[WorkItem]) -> None:
         todo = list(items)
+        for target in dict.fromkeys(i.target for i in todo):  # bad target data fails before any fit
+            self.dataset(target)
         size = self.plan.spec.save_maps
         if size and todo and self.session.map_writer is None:
             n_images = sum(len(self.dataset(i.target).select([i.category], "test")) for i in todo)

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zsad_bench.data import Dataset, open_dataset
+from zsad_bench.data import Dataset, open_dataset, validate
 from zsad_bench.detector import LearningType
 from zsad_bench.errors import ZsadError
 from zsad_bench.protocols import Leg
@@ -128,7 +128,11 @@ def open_datasets(specs: tuple[str, ...], categories: list[str] | None, split: s
                 f"{role} categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} not in "
                 f"{' + '.join(specs)}; available: {', '.join(known)}"
             )
-    samples = [s for ds in datasets for s in ds.select(_kept(ds, categories), split).samples]
+    samples = []
+    for ds in datasets:  # each dataset validated on its own (sample keys may collide across datasets)
+        part = ds.select(_kept(ds, categories), split)
+        validate(part, role="auxiliary" if role == "auxiliary" else "target")  # exactly what `data check` checks
+        samples += part.samples
     if not samples:
         raise ZsadError(f"{' + '.join(specs)}: no {split} images for the {role} set")
     first = datasets[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench import locks
+from zsad_bench.data import DECODING
 from zsad_bench.detector import Detector
 from zsad_bench.errors import ZsadError
 from zsad_bench.features import feature_key_parts
@@ -83,6 +84,7 @@ def run_options(session: Session) -> dict[str, Any]:
         "categories": spec.categories,
         "shots": r.shots,
         "batch_size": spec.batch_size,
+        "decoding": dict(DECODING),
         "precision": spec.precision,
         "deterministic": spec.deterministic,
         "feature_key": feature_key_parts(session.backbone, spec.precision, session.device),

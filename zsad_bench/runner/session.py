@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from zsad_bench import locks, presets
 from zsad_bench.backbones import Backbone, create_backbone
-from zsad_bench.data import Dataset, Sample, samples_fingerprint
+from zsad_bench.data import Dataset, Sample, pixel_labelled, samples_fingerprint
 from zsad_bench.data.io import load_image, load_mask
 from zsad_bench.detector import (
     Detector,
@@ -255,7 +255,8 @@ class Session:
         With a map writer and ``maps_key`` (seed, leg, category) the maps are saved too (``--save-maps``).
         """
         writer = self.map_writer if maps_key is not None else None
-        acc = MetricAccumulator(tuple(METRICS), label=desc)
+        labelled = pixel_labelled(samples)  # False: image labels only, pixel metrics left out (not NaN)
+        acc = MetricAccumulator(tuple(METRICS), label=desc, pixel_labels=labelled)
         source = self.source(samples)
         scored: list[tuple[Sample, float]] = []
         with torch.inference_mode():
@@ -268,7 +269,7 @@ class Session:
                     maps = F.interpolate(
                         maps[:, None], size=(self.eval_size, self.eval_size), mode="bilinear", align_corners=False
                     )[:, 0]
-                masks = np.stack([load_mask(s, self.eval_size) for s in batch.samples])
+                masks = np.stack([load_mask(s, self.eval_size) for s in batch.samples]) if labelled else None
                 if writer is not None:
                     writer.add(*maps_key, [str(s.image_path) for s in batch.samples], maps, masks)
                 scores = pred.scores.detach().float().cpu().numpy()
