@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from zsad_bench.cli.common import device_name, non_negative_int, positive_int
 from zsad_bench.errors import ZsadError
 
 # Options the sweep sets per point itself (a grid may not set them), and parser entries that are no options.
@@ -86,9 +87,21 @@ def run_actions() -> dict[str, argparse.Action]:
 
 def _scalar(value: Any, action: argparse.Action, where: str) -> Any:
     kind = action.type
-    if kind is int:
+    if kind in (int, positive_int, non_negative_int):
         ok = isinstance(value, int) and not isinstance(value, bool)
         want = "an integer"
+        if ok and kind is not int:  # the option's own bound, with its own message
+            try:
+                kind(str(value))
+            except argparse.ArgumentTypeError as exc:
+                raise ZsadError(f"{where}: {exc}") from None
+    elif kind is device_name:
+        if not isinstance(value, str):
+            raise ZsadError(f"{where}: expected a string, got {value!r}")
+        try:
+            return device_name(value)
+        except argparse.ArgumentTypeError as exc:
+            raise ZsadError(f"{where}: {exc}") from None
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         want = "a number"
