@@ -126,9 +126,8 @@ def write_run(
         "created": "2026-01-01T00:00:00+00:00",
         "records": records,
         "images": images,
-        "summary": {},
+        "fits": [],
         "timings": {"total_s": 1.5},
-        "artifacts": {},
         "complete": True,
     }
     path.write_text(json.dumps(data))

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,25 @@ class RunResult:
 def csv_path(path: Path) -> Path:
     """The long-form CSV written beside a results JSON."""
     return Path(path).with_suffix(".csv")
+
+
+def results_files(paths: Sequence[Path | str]) -> list[Path]:
+    """The ``*.json`` files of ``paths``: files as given, folders (a sweep directory) by their top-level ``*.json``.
+
+    Sub-folders are not searched: a sweep keeps its manifest and logs in ``_sweep/``, saved maps in ``*.maps/``.
+    """
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.json"))
+            if not found:
+                raise ZsadError(f"{p}: directory holds no *.json results files; pass results files or a sweep folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ZsadError(f"{p}: no such results file or directory")
+    return files
 
 
 def atomic_write_text(path: Path, text: str) -> None:

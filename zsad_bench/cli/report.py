@@ -22,10 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from zsad_bench.errors import ZsadError
+    from zsad_bench.results import results_files
     from zsad_bench.viz.report import build_report
-    from zsad_bench.viz.runs import expand
 
-    out = args.out or expand(args.results)[0].parent / "report.html"
+    out = args.out or results_files(args.results)[0].parent / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise ZsadError(f"--out {out}: the report is an HTML file; use a .html name")
     path, names = build_report(args.results, out, overlays=max(0, args.overlays))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import METRICS
-from zsad_bench.results import READABLE_SCHEMAS, RunResult
+from zsad_bench.results import READABLE_SCHEMAS, RunResult, results_files
 from zsad_bench.tables.names import canonical_protocol, dataset_name, dataset_names, leg_setting, reported_target
 
 BENCH_SCHEMA = "zsad-bench/bench/v1"
@@ -45,21 +45,6 @@ def is_control(learning_type: str, method: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- files
-
-
-def _expand(paths: Sequence[Path | str]) -> list[Path]:
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(p.glob("*.json"))
-            if not found:
-                raise ZsadError(f"{p}: directory holds no *.json results files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ZsadError(f"{p}: no such results file or directory")
-    return files
 
 
 def _read_json(path: Path) -> dict:
@@ -164,7 +149,7 @@ def scan(paths: Sequence[Path | str]) -> Scan:
     eval_rows: list[dict] = []
     bench_rows: list[dict] = []
     image_rows: list[dict] = []
-    for path in _expand(paths):
+    for path in results_files(paths):
         data = _read_json(path)
         if data["schema"] == BENCH_SCHEMA:
             bench_rows += _bench_rows(data, str(path))

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench.errors import ZsadError
+from zsad_bench.results import RunResult, results_files
 
-SCHEMAS = ("zsad-bench/results/v1", "zsad-bench/results/v2")
 BENCH_SCHEMA = "zsad-bench/bench/v1"
 
 
@@ -71,39 +71,19 @@ def _num(v: Any) -> float:
     return math.nan if v is None else float(v)
 
 
-def expand(paths: list[Path | str]) -> list[Path]:
-    """Results files from files and directories (a sweep folder: its ``*.json``, recursively)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*.json") if ".maps" not in q.parent.name)
-            if not found:
-                raise ZsadError(f"{p}: directory holds no *.json results files; pass results files or a sweep folder")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ZsadError(f"{p}: no such results file or directory")
-    return out
-
-
 def load_runs(paths: list[Path | str]) -> list[Run]:
     """Every evaluation results file under ``paths`` (benchmark files are skipped); labels made unique."""
     runs = []
-    for path in expand(paths):
+    for path in results_files(paths):
         try:
-            data = json.loads(path.read_text())
+            raw = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise ZsadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run or remove it") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ZsadError(f"{path}: unreadable ({exc}); check the file") from None
-        schema = data.get("schema") if isinstance(data, dict) else None
-        if schema == BENCH_SCHEMA:
+        if isinstance(raw, dict) and raw.get("schema") == BENCH_SCHEMA:
             continue
-        if schema not in SCHEMAS:
-            raise ZsadError(
-                f"{path}: not a zsad-bench results file (schema {schema!r}); pass files of `zsad-bench run`"
-            )
+        data = RunResult.from_json(raw, path).to_json()  # validated (fractions, types), v1 upgraded to v2
         label = str(data.get("method_label") or data.get("method") or path.stem)
         runs.append(Run(path, data, label, list(data.get("images") or []), list(data.get("records") or [])))
     if not runs:
