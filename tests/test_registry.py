@@ -113,7 +113,6 @@ def test_cli_lists_entry_point_plugin_in_a_fresh_process() -> None:
 class _Bounded(Detector):
     name = "test-bounded"
     learning_type = LearningType.TRAINING_FREE
-    inference_options = ("legacy",)
 
     @dataclass
     class Config:
@@ -138,7 +137,7 @@ def test_option_metadata_bounds_choices_and_tuple_length() -> None:
         parse_overrides(_Bounded, {"betas": "0.9"})
     with pytest.raises(ZsadError, match=r"option test-bounded.mode='lse': choose one of max, mean"):
         parse_overrides(_Bounded, {"mode": "lse"})
-    assert inference_options(_Bounded) == {"mode", "legacy"}
+    assert inference_options(_Bounded) == {"mode"}
     assert option_help(_Bounded) == {"mode": "how"}
 
 

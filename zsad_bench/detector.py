@@ -114,9 +114,6 @@ class Detector(ABC):
     # Zero-shot methods learn from the auxiliary set's anomalous pixels; False for one trained on image labels.
     needs_aux_masks: ClassVar[bool] = True
     feature_layers: ClassVar[tuple[str, ...] | None] = None  # None: the backbone's default layers
-    # Transitional: Config fields that only affect predict(). New code marks the field instead,
-    # ``field(default=..., metadata={"inference": True})``; :func:`inference_options` reads both.
-    inference_options: ClassVar[tuple[str, ...]] = ()
     # Variants of one method share reusable artifacts (e.g. spg-topk reuses spg's SAEs); default: name.
     artifacts_family: ClassVar[str] = ""
     # What the method's paper ran (zsad_bench.presets.PaperSetting: backbone, size, layers, protocol options);

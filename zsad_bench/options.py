@@ -33,9 +33,10 @@ def parse_overrides(cls: type[Detector], overrides: dict[str, Any]) -> Any:
             known = ", ".join(fields) or "none"
             raise ZsadError(f"method '{cls.name}' has no option '{key}'; options: {known}")
         kwargs[key] = _convert(value, hints[key], f"{cls.name}.{key}") if isinstance(value, str) else value
-    for key, value in kwargs.items():
-        check_option(cls.name, fields[key], value)
-    return cls.Config(**kwargs)
+    config = cls.Config(**kwargs)
+    for f in dataclasses.fields(config):  # defaults too: a plugin's own default outside its bounds is a bug
+        check_option(cls.name, f, getattr(config, f.name))
+    return config
 
 
 _BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b)}
@@ -50,6 +51,11 @@ def check_option(method: str, f: dataclasses.Field, value: Any) -> None:
         raise ZsadError(
             f"option {method}.{f.name}={value!r}: choose one of {', '.join(map(str, choices))}; fix --set {f.name}=..."
         )
+    length = meta.get("length")
+    if length is not None and value is not None and (not isinstance(value, list | tuple) or len(value) != length):
+        raise ZsadError(
+            f"option {method}.{f.name}={value!r}: expected {length} comma-separated values; fix --set {f.name}=..."
+        )
     items = value if isinstance(value, list | tuple) else [value]
     for key, (op, ok) in _BOUNDS.items():
         if key in meta and any(v is not None and not ok(v, meta[key]) for v in items):
@@ -57,10 +63,8 @@ def check_option(method: str, f: dataclasses.Field, value: Any) -> None:
 
 
 def inference_options(cls: type[Detector]) -> frozenset[str]:
-    """Config fields that only affect predict(): marked ``metadata={"inference": True}`` (or, during the
-    transition, listed in the ``inference_options`` ClassVar)."""
-    marked = {f.name for f in dataclasses.fields(cls.Config) if f.metadata.get("inference")}
-    return frozenset(marked | set(cls.inference_options))
+    """Config fields that only affect predict() (``metadata={"inference": True}``): changing them reuses a fit."""
+    return frozenset(f.name for f in dataclasses.fields(cls.Config) if f.metadata.get("inference"))
 
 
 def option_help(cls: type[Detector]) -> dict[str, str]:

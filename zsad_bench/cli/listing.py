@@ -63,7 +63,7 @@ def method_details(name: str) -> str:
         note = meta.get("help", "")
         if meta.get("choices"):
             note += f" (choices: {', '.join(map(str, meta['choices']))})"
-        inference = meta.get("inference") or f.name in getattr(cls, "inference_options", ())
+        inference = meta.get("inference")
         options.append([f.name, default, "predict" if inference else "fit", note])
     if options:
         lines += ["", tabulate(options, ["option", "default", "affects", "help"])]

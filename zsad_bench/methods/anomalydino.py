@@ -147,7 +147,6 @@ class AnomalyDINO(Detector):
         "mvtec": {"masking": "mvtec-table"},
         "visa": {"masking": "on"},
     }
-    inference_options = ("knn_neighbors", "top_fraction", "sigma", "masking", "mask_threshold", "smooth_at")
 
     @dataclass
     class Config:

@@ -243,7 +243,6 @@ class FoundAD(Detector):
         note="DINOv3 at crop 512, third-last block with the final norm, one projector for all categories",
     )
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {"mvtec": {"top_k": 10}, "visa": {"top_k": 6}}
-    inference_options = ("top_k",)
 
     @dataclass
     class Config:

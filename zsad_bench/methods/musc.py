@@ -163,8 +163,6 @@ class MuSc(Detector):
             },
         )
 
-    inference_options = ("r_list", "interval_low", "interval_high", "rscin_k")
-
     @classmethod
     def layers_for(cls, capabilities: Any) -> tuple[str, ...] | None:
         """Blocks n/4, n/2, 3n/4, n of a ViT (raw with a text tower, else final-normed when offered); else None."""

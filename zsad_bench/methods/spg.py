@@ -44,6 +44,7 @@ from zsad_bench.methods._spg_sae import (
     sparse_topk,
     upsample_map,
 )
+from zsad_bench.options import check_option
 from zsad_bench.postprocess import dice_loss, gaussian_smooth
 from zsad_bench.results import atomic_write_bytes
 from zsad_bench.source import FeatureSource
@@ -72,30 +73,6 @@ def _opt(
     if pair:
         meta.update(ge=0, lt=1, length=2)
     return field(default=default, metadata=meta)
-
-
-def _check_option(name: str, value: Any, meta: Any) -> None:
-    """Refuse ``value`` of option ``name`` outside its metadata (choices, bounds, pair) with one line."""
-    fix = f"fix --set {name}=..."
-    if value is None:
-        return
-    if "choices" in meta and value not in meta["choices"]:
-        raise ZsadError(f"option spg.{name}: '{value}' is not one of {', '.join(meta['choices'])}; {fix}")
-    values = value
-    if meta.get("length") is not None:
-        if not isinstance(value, (tuple, list)) or len(value) != meta["length"]:
-            raise ZsadError(f"option spg.{name}: expected a pair like 0.5,0.999 (got {value!r}); {fix}")
-    else:
-        values = (value,)
-    for v in values:
-        for key, ok, word in (
-            ("gt", lambda a, b: a > b, ">"),
-            ("ge", lambda a, b: a >= b, ">="),
-            ("lt", lambda a, b: a < b, "<"),
-            ("le", lambda a, b: a <= b, "<="),
-        ):
-            if key in meta and not (isinstance(v, (int, float)) and ok(v, meta[key])):
-                raise ZsadError(f"option spg.{name}: must be {word} {meta[key]} (got {value!r}); {fix}")
 
 
 def _report_epoch(epoch: int, total: int) -> bool:
@@ -282,15 +259,10 @@ class SPG(Detector):
         agg_tau: float = _opt(1.0, "temperature of aggregation='lse'", gt=0, inference=True)
 
         def __post_init__(self) -> None:
-            for f in dataclasses.fields(self):
-                _check_option(f.name, getattr(self, f.name), f.metadata)
+            for f in dataclasses.fields(self):  # also when built directly, not through parse_overrides
+                check_option("spg", f, getattr(self, f.name))
             if self.sae_k > self.sae_width:
                 raise ZsadError(f"option spg.sae_k={self.sae_k} exceeds sae_width={self.sae_width}; lower sae_k")
-
-    # derived from the Config metadata (one source): the runner keys fitted checkpoints without these
-    inference_options: ClassVar[tuple[str, ...]] = tuple(
-        f.name for f in dataclasses.fields(Config) if f.metadata.get("inference")
-    )
 
     config: Config
 
