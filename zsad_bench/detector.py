@@ -133,6 +133,12 @@ class Detector(ABC):
         self.config = config if config is not None else type(self).Config()
         self.device = torch.device(device)
 
+    @property
+    def fit_scope(self) -> str:
+        """Few-shot methods: one fit per target ``category`` (default) or per target ``dataset`` (the k shots of
+        every category at once, e.g. FoundAD's one projector across categories)."""
+        return "category"
+
     @classmethod
     def layers_for(cls, capabilities: Any) -> tuple[str, ...] | None:
         """The layers this method reads on a backbone with ``capabilities`` (default :attr:`feature_layers`)."""

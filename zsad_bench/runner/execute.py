@@ -82,8 +82,10 @@ class Executor:
 
     def _fit(self, node: Node) -> None:
         assert node.seed is not None
-        if node.category:  # few-shot: k normal references of the category
-            samples = self.session.reference_samples(self.dataset(node.dataset).select([node.category]), node.seed)
+        if node.dataset:  # few-shot: k normal references of the category, or of every category run (dataset)
+            ds = self.dataset(node.dataset)
+            categories = [node.category] if node.category else self.plan.categories_of(node.dataset)
+            samples = [s for c in categories for s in self.session.reference_samples(ds.select([c]), node.seed)]
             self.session.fit(samples, node.seed)
             return
         aux = self.aux_set(node.leg)
@@ -100,8 +102,9 @@ class Executor:
         if self.session.use_leg(item.leg):  # per-dataset options of this leg's targets
             self._fitted = None
         for dep in item.deps:
-            if self.plan.nodes[dep].kind == "fit" and self.session.cls.learning_type is LearningType.FEW_SHOT:
-                self._fitted = None  # few-shot fits are per item, never reused for another
+            node = self.plan.nodes[dep]
+            if node.kind == "fit" and node.category and self.session.cls.learning_type is LearningType.FEW_SHOT:
+                self._fitted = None  # a per-category few-shot fit serves its own item only
             self.ensure(dep)
         ds = self.dataset(item.target)
         test = ds.select([item.category], "test").samples

@@ -68,6 +68,10 @@ class Plan:
     nodes: dict[str, Node] = field(default_factory=dict)
     items: list[WorkItem] = field(default_factory=list)
 
+    def categories_of(self, target: str) -> list[str]:
+        """The categories of ``target`` this plan evaluates (in plan order)."""
+        return list(dict.fromkeys(i.category for i in self.items if i.target == target))
+
     def leg(self, name: str) -> Leg:
         return next(leg for leg in self.legs if leg.name == name)
 
@@ -143,12 +147,22 @@ def _kept(ds: Dataset, categories: list[str] | None) -> list[str]:
     return [c for c in ds.categories if not categories or c in categories]
 
 
-def make_plan(spec: RunSpec, header: RunResult, legs: list[Leg], learning_type: LearningType, family: str) -> Plan:
+def make_plan(
+    spec: RunSpec,
+    header: RunResult,
+    legs: list[Leg],
+    learning_type: LearningType,
+    family: str,
+    fit_scope: str = "category",
+) -> Plan:
     """Nodes and items of every (seed, leg, target, category) the spec asks for, in run order.
 
-    ``family`` is the method's artifacts family (its shared sub-fits); ``needs_features`` decides
-    whether feature nodes exist (methods reading images directly have none).
+    ``family`` is the method's artifacts family (its shared sub-fits). ``fit_scope`` of a few-shot method:
+    ``category`` (one fit on the k shots of each category) or ``dataset`` (one fit per target dataset on
+    the k shots of every category run, as FoundAD's paper trains one projector across categories).
     """
+    if fit_scope not in ("category", "dataset"):
+        raise ZsadError(f"fit scope '{fit_scope}': a method fits per 'category' or per 'dataset'")
     if spec.categories:  # every --categories entry must be a category of some target (legs may differ)
         open_datasets(tuple(sorted({t for leg in legs for t in leg.targets})), spec.categories, "test", "target")
     plan = Plan(spec, header, legs)
@@ -167,7 +181,10 @@ def make_plan(spec: RunSpec, header: RunResult, legs: list[Leg], learning_type: 
                         plan, Node(f"features:{target}#{category}", "features", dataset=target, category=category)
                     )
                     deps = (*leg_deps, feats)
-                    if learning_type is LearningType.FEW_SHOT:
+                    if learning_type is LearningType.FEW_SHOT and fit_scope == "dataset":
+                        node = Node(f"fit:{leg.name}:{target}:seed={seed}", "fit", seed, leg.name, target)
+                        deps = (_add(plan, node), feats)
+                    elif learning_type is LearningType.FEW_SHOT:
                         node = Node(
                             f"fit:{leg.name}:{target}#{category}:seed={seed}", "fit", seed, leg.name, target, category
                         )

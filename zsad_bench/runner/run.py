@@ -103,7 +103,8 @@ def plan_run(spec: RunSpec, session: Session | None = None, run_id: str | None =
     )
     header = run_header(session, run_id)
     family = cls.artifacts_family or cls.name
-    return make_plan(spec, header, session.resolved.legs, cls.learning_type, family), session
+    fit_scope = session.detector.fit_scope
+    return make_plan(spec, header, session.resolved.legs, cls.learning_type, family, fit_scope), session
 
 
 def run_experiment(spec: RunSpec) -> tuple[RunResult, Path]:
