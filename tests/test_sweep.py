@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from zsad_bench.cli.run import run_actions
 from zsad_bench.errors import ZsadError
 from zsad_bench.sweep.config import apply_run_config, key_line, load_run_config
 from zsad_bench.sweep.engines import LocalEngine, Task
@@ -153,7 +154,7 @@ def test_run_config_maps_to_run_options_and_flags_override(tmp_path: Path) -> No
         "set = { sae_width = 64, sae_betas = [0.5, 0.9] }\n",
         "run.toml",
     )
-    cfg = load_run_config(path)
+    cfg = load_run_config(path, run_actions())
     assert cfg == {
         "method": "spg",
         "image_size": 64,
@@ -167,12 +168,12 @@ def test_run_config_maps_to_run_options_and_flags_override(tmp_path: Path) -> No
     parser = argparse.ArgumentParser()
     run_cli.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["run", "-m", "winclip", "--image-size", "240"])
-    apply_run_config(args, path)
+    apply_run_config(args, path, run_actions())
     assert (args.method, args.image_size, args.seed, args.quiet) == ("winclip", 240, [1, 2], True)
     with pytest.raises(ZsadError, match=r"run.toml:2: image-size: expected an integer"):
-        load_run_config(write(tmp_path, 'method = "spg"\nimage-size = 6.5\n', "run.toml"))
+        load_run_config(write(tmp_path, 'method = "spg"\nimage-size = 6.5\n', "run.toml"), run_actions())
     with pytest.raises(ZsadError, match=r"run.toml:2: dvice: unknown option; options: "):
-        load_run_config(write(tmp_path, 'method = "spg"\ndvice = "cpu"\n', "run.toml"))
+        load_run_config(write(tmp_path, 'method = "spg"\ndvice = "cpu"\n', "run.toml"), run_actions())
 
 
 def test_dry_run_lists_states(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zsad_bench.errors import ZsadError
 
-if TYPE_CHECKING:
-    from zsad_bench.detector import Detector
+# ``cls`` below is a Detector subclass (anything with ``name`` and a ``Config`` dataclass): this module sits
+# under zsad_bench.detector, which re-exports it, so it does not import the Detector class itself.
+MethodClass = type
 
 
-def parse_overrides(cls: type[Detector], overrides: dict[str, Any]) -> Any:
+def parse_overrides(cls: MethodClass, overrides: dict[str, Any]) -> Any:
     """Build ``cls.Config`` from ``{field: value}``; strings (from the CLI) are converted to field types.
 
     Unknown keys, unreadable values and values outside a field's declared bounds/choices raise a
@@ -62,12 +63,12 @@ def check_option(method: str, f: dataclasses.Field, value: Any) -> None:
             raise ZsadError(f"option {method}.{f.name}={value!r}: must be {op} {meta[key]}; fix --set {f.name}=...")
 
 
-def inference_options(cls: type[Detector]) -> frozenset[str]:
+def inference_options(cls: MethodClass) -> frozenset[str]:
     """Config fields that only affect predict() (``metadata={"inference": True}``): changing them reuses a fit."""
     return frozenset(f.name for f in dataclasses.fields(cls.Config) if f.metadata.get("inference"))
 
 
-def option_help(cls: type[Detector]) -> dict[str, str]:
+def option_help(cls: MethodClass) -> dict[str, str]:
     """``{field: help text}`` of the Config fields that declare one (``zsad-bench list methods -v``)."""
     return {f.name: f.metadata["help"] for f in dataclasses.fields(cls.Config) if "help" in f.metadata}
 

@@ -105,7 +105,8 @@ def ablation_points(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def ablation_grid(args: argparse.Namespace) -> Any:
     """The ablation as a sweep :class:`~zsad_bench.sweep.plan.Grid`: the run options plus each point's."""
-    from zsad_bench.sweep.config import _set_text, run_actions
+    from zsad_bench.cli.run import run_actions
+    from zsad_bench.sweep.config import _set_text
     from zsad_bench.sweep.plan import Grid, Variant
 
     base = {d: getattr(args, d) for d in run_actions() if hasattr(args, d) and d not in ("out", "resume")}

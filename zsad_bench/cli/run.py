@@ -64,6 +64,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+def run_actions() -> dict[str, argparse.Action]:
+    """The ``run`` command's options by dest: the vocabulary of run config files and sweep grids.
+
+    ``--aggregation`` / ``--tau`` are aliases of ``--set`` (dest "set"): a config file writes ``set.aggregation``.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    actions = sub.choices["run"]._actions
+    return {a.dest: a for a in actions if a.dest not in ("help", "config", "func") and not isinstance(a, SetAlias)}
+
+
 def spec_from_args(args: argparse.Namespace):
     """A RunSpec from the run command's options (also used by sweeps, with every option present)."""
     from zsad_bench.runner import RunSpec
@@ -107,7 +119,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.config:
         from zsad_bench.sweep.config import apply_run_config
 
-        apply_run_config(args, args.config)
+        apply_run_config(args, args.config, run_actions())
     elif not args.method:
         raise ZsadError("--method is required (or method = ... in a --config file); see zsad-bench list methods")
     result, path = run_experiment(spec_from_args(args))

@@ -26,8 +26,15 @@ import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from zsad_bench.data.io import HIGH_BIT_DEPTH_MODES, image_header, load_image, mask_values, max_pixels
-from zsad_bench.data.records import ANOMALOUS, Dataset, Sample, samples_fingerprint
+from zsad_bench.data.io import (
+    HIGH_BIT_DEPTH_MODES,
+    image_header,
+    load_image,
+    mask_values,
+    max_pixels,
+    samples_fingerprint,
+)
+from zsad_bench.data.records import ANOMALOUS, Dataset, Sample
 from zsad_bench.errors import DataError
 from zsad_bench.paths import cache_dir
 from zsad_bench.results import atomic_write_bytes

@@ -20,9 +20,12 @@ Decoding policy (:data:`DECODING`, recorded in results files and part of every f
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import stat
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -195,3 +198,31 @@ def load_mask(sample: Sample, size: int | None = None) -> np.ndarray:
         return np.zeros((h, w), dtype=bool)
     arr = mask_values(sample.mask_path) > 0
     return arr if size is None else resize_mask(arr, size)
+
+
+def _stamp(path: Path | None) -> str:
+    if path is None:
+        return "-"
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def samples_fingerprint(samples: Sequence[Sample], decoding: Mapping[str, str] | None = None) -> str:
+    """SHA-1 of everything about ``samples`` that can change a fit.
+
+    Per sample, in order: image path, size and mtime; mask path, size and mtime; label, defect type,
+    category and split. ``decoding`` (default: :data:`DECODING`) is hashed too, so a
+    change in how files become pixels invalidates fits.
+    """
+    if decoding is None:
+        decoding = DECODING
+    h = hashlib.sha1(json.dumps(dict(decoding), sort_keys=True).encode())
+    for s in samples:
+        h.update(
+            f"{s.image_path}|{_stamp(s.image_path)}|{s.mask_path}|{_stamp(s.mask_path)}|"
+            f"{s.label}|{s.defect_type}|{s.category}|{s.split}\n".encode()
+        )
+    return h.hexdigest()

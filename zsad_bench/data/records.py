@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -67,36 +65,6 @@ class Dataset:
             order = list(categories)
             samples = [s for c in order for s in samples if s.category == c]
         return replace(self, samples=samples)
-
-
-def _stamp(path: Path | None) -> str:
-    if path is None:
-        return "-"
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def samples_fingerprint(samples: Sequence[Sample], decoding: Mapping[str, str] | None = None) -> str:
-    """SHA-1 of everything about ``samples`` that can change a fit.
-
-    Per sample, in order: image path, size and mtime; mask path, size and mtime; label, defect type,
-    category and split. ``decoding`` (default: :data:`zsad_bench.data.io.DECODING`) is hashed too, so a
-    change in how files become pixels invalidates fits.
-    """
-    if decoding is None:
-        from zsad_bench.data.io import DECODING
-
-        decoding = DECODING
-    h = hashlib.sha1(json.dumps(dict(decoding), sort_keys=True).encode())
-    for s in samples:
-        h.update(
-            f"{s.image_path}|{_stamp(s.image_path)}|{s.mask_path}|{_stamp(s.mask_path)}|"
-            f"{s.label}|{s.defect_type}|{s.category}|{s.split}\n".encode()
-        )
-    return h.hexdigest()
 
 
 def pixel_labelled(samples: Sequence[Sample]) -> bool:

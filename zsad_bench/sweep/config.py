@@ -19,7 +19,6 @@ from zsad_bench.errors import ZsadError
 
 # Options the sweep sets per point itself (a grid may not set them), and parser entries that are no options.
 SWEEP_MANAGED = ("out", "resume")
-NOT_OPTIONS = ("help", "config", "func")
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
 
@@ -69,20 +68,6 @@ def key_line(text: str, section: str, key: str | None = None, occurrence: int = 
         if in_section and named and (not last or re.search(rf"\b{re.escape(last)}\s*=", bare)):
             return no
     return 0 if strict else header_line or 1
-
-
-def run_actions() -> dict[str, argparse.Action]:
-    """The ``run`` command's argparse actions by dest (the vocabulary of config files)."""
-    from zsad_bench.cli import run as run_cli
-
-    parser = argparse.ArgumentParser(add_help=False)
-    run_cli.add_parser(parser.add_subparsers(dest="command"))
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    from zsad_bench.cli.run import SetAlias
-
-    # --aggregation / --tau are aliases of --set (dest "set"): a config file writes set.aggregation
-    actions = sub.choices["run"]._actions
-    return {a.dest: a for a in actions if a.dest not in NOT_OPTIONS and not isinstance(a, SetAlias)}
 
 
 def _scalar(value: Any, action: argparse.Action, where: str) -> Any:
@@ -148,9 +133,15 @@ def _set_text(value: Any) -> str:
     return str(value)
 
 
-def check_options(table: dict[str, Any], path: Path, text: str, section: str, occurrence: int = 0) -> dict[str, Any]:
-    """Validate a table of run options; returns ``{dest: argparse value}``."""
-    actions = run_actions()
+def check_options(
+    table: dict[str, Any],
+    actions: dict[str, argparse.Action],
+    path: Path,
+    text: str,
+    section: str,
+    occurrence: int = 0,
+) -> dict[str, Any]:
+    """Validate a table of run options against ``actions`` (``cli.run.run_actions()``); ``{dest: value}``."""
     out: dict[str, Any] = {}
     for key, value in table.items():
         dest = key.replace("-", "_")
@@ -164,13 +155,12 @@ def check_options(table: dict[str, Any], path: Path, text: str, section: str, oc
     return out
 
 
-def load_run_config(path: Path) -> dict[str, Any]:
-    """``{dest: value}`` of a ``zsad-bench run --config FILE.toml`` (top-level keys = run options)."""
+def load_run_config(path: Path, actions: dict[str, argparse.Action]) -> dict[str, Any]:
+    """``{dest: value}`` of a ``zsad-bench run --config FILE.toml`` (top-level keys = the run options ``actions``)."""
     doc, text = read_toml(path)
     for key, value in doc.items():
         if isinstance(value, dict) and key != "set":
             raise ZsadError(f"{path}:{key_line(text, key)}: [{key}]: a run config has no sections; write KEY = VALUE")
-    actions = run_actions()
     out: dict[str, Any] = {}
     for key, value in doc.items():
         dest = key.replace("-", "_")
@@ -181,10 +171,9 @@ def load_run_config(path: Path) -> dict[str, Any]:
     return out
 
 
-def apply_run_config(args: argparse.Namespace, path: Path) -> None:
+def apply_run_config(args: argparse.Namespace, path: Path, actions: dict[str, argparse.Action]) -> None:
     """Fill ``args`` from a run config: a value applies where the command line left the option at its default."""
-    actions = run_actions()
-    for dest, value in load_run_config(path).items():
+    for dest, value in load_run_config(path, actions).items():
         if getattr(args, dest, None) == actions[dest].default:
             setattr(args, dest, value)
     if not getattr(args, "method", None):

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zsad_bench.cli.run import run_actions
 from zsad_bench.errors import ZsadError
-from zsad_bench.sweep.config import check_options, convert_option, key_line, read_toml, run_actions
+from zsad_bench.sweep.config import check_options, convert_option, key_line, read_toml
 
 # Config fields of a shared sub-fit, by ``artifacts_family``: mirrors the key of SPG's SAE artifact
 # (``SPG._sae_key`` in zsad_bench/methods/spg.py); points that agree on these share one SAE fit.
@@ -195,8 +196,8 @@ def load_grid(path: Path) -> Grid:
             want = {str: "a string", int: "an integer >= 1", float: "a GPU fraction in (0, 1] or a whole number"}[kind]
             raise ZsadError(f"{where}: expected {want}, got {value!r}")
         settings[key] = value
-    base = check_options(doc.get("base", {}), path, text, "base")
     actions = run_actions()
+    base = check_options(doc.get("base", {}), actions, path, text, "base")
     axes = {k: _axis_values(k, v, path, text, actions) for k, v in _flatten_axes(doc.get("grid", {})).items()}
     excludes = doc.get("exclude", [])
     if not isinstance(excludes, list):
