@@ -21,6 +21,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from zsad_bench.data.io import check_regular_file
 from zsad_bench.data.records import ANOMALOUS, NORMAL, Dataset, Sample
 from zsad_bench.errors import DataError
 
@@ -193,3 +194,16 @@ def load_mvtec_like(
     dirs = {d.name: d for d in category_dirs(root, layout)}
     samples = [s for c in order_categories(list(dirs), known) for s in scan_category(dirs[c], c)]
     return Dataset(name, root, samples, kind, {"layout": layout, **(meta or {})})
+
+
+def listed_file(where: str, base: Path, rel: str, what: str, root_name: str = "dataset root") -> Path:
+    """``base / rel`` of an index file's entry, checked to be a regular file (a FIFO or device would block the
+    read). ``where`` opens the error line: ``"meta.json: test/widget[0]"`` or ``"1cls.csv line 7:"``."""
+    path = base / rel
+    if not rel or not os.path.lexists(path):
+        raise DataError(f"{where} {what} file {path} does not exist; check the {root_name}")
+    try:
+        check_regular_file(path, what)
+    except DataError as exc:
+        raise DataError(f"{where.rstrip(':')}: {exc}") from None
+    return path

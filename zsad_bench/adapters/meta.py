@@ -11,28 +11,14 @@ some masks must have all of them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from zsad_bench.adapters._layout import SPLITS, sample_order
+from zsad_bench.adapters._layout import SPLITS, listed_file, sample_order
 from zsad_bench.data import ANOMALOUS, NORMAL, Dataset, Sample, register_dataset
-from zsad_bench.data.io import check_regular_file
 from zsad_bench.errors import DataError
 
 REQUIRED = ("img_path", "mask_path", "anomaly")
-
-
-def _listed_file(json_path: Path, where: str, base: Path, rel: str, what: str) -> Path:
-    """``base / rel`` after checking that it is a regular file (a FIFO would block the read)."""
-    path = base / rel
-    if not rel or not os.path.lexists(path):
-        raise DataError(f"{json_path}: {where} {what} file {path} does not exist; check the dataset root")
-    try:
-        check_regular_file(path, what)
-    except DataError as exc:
-        raise DataError(f"{json_path}: {where}: {exc}") from None
-    return path
 
 
 def _record(json_path: Path, split: str, cls: str, index: int, rec: Any) -> Sample:
@@ -43,10 +29,10 @@ def _record(json_path: Path, split: str, cls: str, index: int, rec: Any) -> Samp
     if rec["anomaly"] not in (0, 1):
         raise DataError(f"{json_path}: {where} has anomaly={rec['anomaly']!r}; must be 0 or 1")
     label = ANOMALOUS if rec["anomaly"] == 1 else NORMAL
-    image = _listed_file(json_path, where, base, str(rec["img_path"] or ""), "image")
+    image = listed_file(f"{json_path}: {where}", base, str(rec["img_path"] or ""), "image")
     mask = None
     if label == ANOMALOUS and rec["mask_path"]:
-        mask = _listed_file(json_path, where, base, str(rec["mask_path"]), "mask")
+        mask = listed_file(f"{json_path}: {where}", base, str(rec["mask_path"]), "mask")
     specie = str(rec.get("specie_name") or "")
     defect = "good" if label == NORMAL else (specie if specie and specie != "good" else "bad")
     return Sample(image, cls, label, mask, defect, split)

@@ -19,13 +19,13 @@ is image-label-only; a category with some masks must have all of them.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from zsad_bench.adapters._layout import (
     SPLITS,
     VISA_CATEGORIES,
     is_category_dir,
+    listed_file,
     load_mvtec_like,
     order_categories,
     require_dir,
@@ -33,24 +33,11 @@ from zsad_bench.adapters._layout import (
     subdirs,
 )
 from zsad_bench.data import ANOMALOUS, NORMAL, Dataset, Sample, register_dataset
-from zsad_bench.data.io import check_regular_file
 from zsad_bench.errors import DataError
 
 SPLIT_CSV = Path("split_csv") / "1cls.csv"
 CSV_COLUMNS = ("object", "split", "label", "image", "mask")
 LABELS = {"normal": NORMAL, "anomaly": ANOMALOUS}
-
-
-def _listed_file(csv_path: Path, line: int, root: Path, rel: str, what: str) -> Path:
-    """``root / rel`` after checking that it is a regular file (a FIFO would block the read)."""
-    path = root / rel
-    if not rel or not os.path.lexists(path):
-        raise DataError(f"{csv_path} line {line}: {what} file {path} does not exist; check the VisA root")
-    try:
-        check_regular_file(path, what)
-    except DataError as exc:
-        raise DataError(f"{csv_path} line {line}: {exc}") from None
-    return path
 
 
 def _load_csv(root: Path) -> Dataset:
@@ -75,11 +62,11 @@ def _load_csv(root: Path) -> Dataset:
             raise DataError(f"{csv_path} line {line}: split '{split}' is not one of {', '.join(SPLITS)}")
         if label not in LABELS:
             raise DataError(f"{csv_path} line {line}: label '{label}' is not one of {', '.join(LABELS)}")
-        image_path = _listed_file(csv_path, line, root, image, "image")
+        image_path = listed_file(f"{csv_path} line {line}:", root, image, "image", "VisA root")
         mask_path = None
         if LABELS[label] == ANOMALOUS:
             if mask:
-                mask_path = _listed_file(csv_path, line, root, mask, "mask")
+                mask_path = listed_file(f"{csv_path} line {line}:", root, mask, "mask", "VisA root")
             else:
                 unmasked.setdefault(cat, line)
         defect = "bad" if LABELS[label] == ANOMALOUS else "good"
