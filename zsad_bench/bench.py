@@ -34,9 +34,9 @@ from zsad_bench.detector import Batch, LearningType
 from zsad_bench.errors import ZsadError
 from zsad_bench.features import extract_features, precision_backbone, precision_context
 from zsad_bench.provenance import device_description, git_commit, package_versions
+from zsad_bench.results import BENCH_SCHEMA
 from zsad_bench.runner import RunSpec, Session, load_fitted, open_datasets
 
-SCHEMA = "zsad-bench/bench/v1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -285,11 +285,11 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         if d not in DTYPES:
             raise ZsadError(f"--dtype {d}: choose from {', '.join(DTYPES)}")
     runner = fitted_runner(spec)
-    spec.backbone = runner.backbone_name
+    spec.backbone = runner.resolved.backbone_name
     device, detector = runner.device, runner.detector
     samples = open_datasets(("synthetic:objects",), None, "test", "target").samples
     images = _load_batch(runner.backbone, samples, max(spec.batch_sizes))
-    layers = runner.cls.feature_layers
+    layers = runner.layers  # what a run extracts for this method (preset-resolved)
     rows = []
     for dtype in spec.dtypes:
         backbone = precision_backbone(runner.backbone, "bf16", device) if dtype == "bf16" else runner.backbone
@@ -346,7 +346,7 @@ def run_bench(spec: BenchSpec) -> dict[str, Any]:
         fit = spg_fit_figures(device, spec.fit_size, warmup=1, iters=max(2, min(spec.iters, 5)))
         fit.update(size=spec.fit_size, peak_mem_mb=mem.peak_mb())
     return {
-        "schema": SCHEMA,
+        "schema": BENCH_SCHEMA,
         "kind": "bench",
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "method": spec.method,

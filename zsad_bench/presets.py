@@ -20,10 +20,9 @@ Presets:
 * ``control``: a method's floor variant (e.g. ``spg`` with untrained guides, ``guide_epochs=0``), at its
   paper settings; only methods listed in :data:`CONTROL_PRESETS` have one.
 
-The detector base class does not (yet) declare ``paper_setting``, ``dataset_defaults``, ``is_control`` or
-``layers_for``; this module reads them with ``getattr`` and these defaults: no paper setting (the class's
-``default_backbone`` at its own input size and ``feature_layers`` stand in), no dataset defaults, not a
-control, ``layers_for`` = ``feature_layers``.
+``cls`` below is a :class:`zsad_bench.detector.Detector` subclass, which declares ``paper_setting`` (None:
+its ``default_backbone`` at the backbone's own input size with ``feature_layers`` stands in),
+``dataset_defaults``, ``is_control`` and ``layers_for``.
 """
 
 from __future__ import annotations
@@ -98,20 +97,13 @@ def dataset_kind(spec: str) -> str | None:
 
 def paper_setting(cls: type) -> PaperSetting:
     """The class's declared paper setting, or its defaults standing in for one."""
-    declared = getattr(cls, "paper_setting", None)
-    if declared is not None:
-        return declared
-    return PaperSetting(
-        getattr(cls, "default_backbone", MATCHED_BACKBONE),
-        None,
-        getattr(cls, "feature_layers", None),
-    )
+    return cls.paper_setting or PaperSetting(cls.default_backbone, None, cls.feature_layers)
 
 
 def matched_backbone(cls: type) -> str:
     """:data:`MATCHED_BACKBONE`; for a method that cannot run on it (text methods) :data:`MATCHED_TEXT_BACKBONE`
     when it runs there (the SPG paper's CLIP comparisons), else its paper's backbone."""
-    supported = getattr(cls, "supported_backbones", None)
+    supported = cls.supported_backbones
     if supported is None or MATCHED_BACKBONE in supported:
         return MATCHED_BACKBONE
     if MATCHED_TEXT_BACKBONE in supported:
@@ -120,26 +112,18 @@ def matched_backbone(cls: type) -> str:
 
 
 def is_control(cls: type) -> bool:
-    return bool(getattr(cls, "is_control", False))
+    return cls.is_control
 
 
 def backbone_capabilities(name: str) -> Any:
-    """``capabilities`` of registered backbone ``name`` without building it (None where not declared)."""
+    """``capabilities`` of registered backbone ``name`` without building it (None for an unknown name, which
+    the runner refuses with its own message)."""
     from zsad_bench.backbones import BACKBONES
 
     try:
-        spec = BACKBONES.get(name)
+        return BACKBONES.get(name).capabilities
     except ZsadError:
         return None
-    return getattr(spec, "capabilities", None)
-
-
-def layers_for(cls: type, capabilities: Any) -> tuple[str, ...] | None:
-    """The method's layers on a backbone with ``capabilities`` (its ``layers_for`` hook, else ``feature_layers``)."""
-    hook = getattr(cls, "layers_for", None)
-    if hook is not None:
-        return hook(capabilities)
-    return getattr(cls, "feature_layers", None)
 
 
 def resolve(
@@ -159,13 +143,13 @@ def resolve(
         raise ZsadError(f"unknown preset '{preset}'; use one of {', '.join(PRESETS)}")
     if target_kind is not None and target_kind not in DATASET_KINDS:
         raise ZsadError(f"unknown dataset kind '{target_kind}'; use one of {', '.join(DATASET_KINDS)}")
-    name = getattr(cls, "name", cls.__name__)
+    name = cls.name
     paper = paper_setting(cls)
     notes: list[str] = []
     if preset == "matched":
         chosen = backbone or matched_backbone(cls)
         size = image_size
-        layers = layers_for(cls, backbone_capabilities(chosen))
+        layers = cls.layers_for(backbone_capabilities(chosen))
         notes.append(f"matched: backbone {chosen} at {size or 'its own'} px")
         if backbone is None and chosen != MATCHED_BACKBONE:
             notes.append(f"{name} runs only on {', '.join(cls.supported_backbones)}: kept its paper backbone")
@@ -174,7 +158,7 @@ def resolve(
         size = image_size if image_size is not None else (paper.image_size if chosen == paper.backbone else None)
         layers = paper.layers if chosen == paper.backbone and paper.layers is not None else None
         if layers is None:
-            layers = layers_for(cls, backbone_capabilities(chosen))
+            layers = cls.layers_for(backbone_capabilities(chosen))
         if chosen != paper.backbone:
             notes.append(f"--backbone {chosen} replaces the paper's {paper.backbone}")
         if paper.note:
@@ -182,7 +166,7 @@ def resolve(
     config: dict[str, Any] = dict(paper.config)
     if paper.config:
         notes.append("paper protocol: " + _fmt(paper.config))
-    per_dataset = getattr(cls, "dataset_defaults", {}) or {}
+    per_dataset = cls.dataset_defaults
     if target_kind is not None and target_kind in per_dataset:
         config.update(per_dataset[target_kind])
         notes.append(f"{target_kind} defaults: {_fmt(per_dataset[target_kind])}")
@@ -213,9 +197,9 @@ def describe(cls: type) -> list[str]:
         f"matched preset: --backbone (default {matched_backbone(cls)}) and --image-size being compared, "
         "layers per backbone"
     )
-    for kind, opts in (getattr(cls, "dataset_defaults", {}) or {}).items():
+    for kind, opts in cls.dataset_defaults.items():
         lines.append(f"target {kind}: {_fmt(opts)} (both presets)")
-    name = getattr(cls, "name", "")
+    name = cls.name
     if name in CONTROL_PRESETS:
         lines.append(f"control preset: {_fmt(CONTROL_PRESETS[name])} (a floor, not a method)")
     return lines

@@ -36,6 +36,7 @@ from zsad_bench.errors import ZsadError
 SCHEMA = "zsad-bench/results/v2"
 SCHEMA_V1 = "zsad-bench/results/v1"
 READABLE_SCHEMAS = (SCHEMA_V1, SCHEMA)
+BENCH_SCHEMA = "zsad-bench/bench/v1"  # `zsad-bench bench` files, which live beside results files
 LONG_COLUMNS = ("protocol", "metric", "category", "method", "backbone", "seed", "target", "value")
 
 

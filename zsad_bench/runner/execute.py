@@ -32,6 +32,7 @@ class Executor:
         self.session = session or Session(plan.spec)
         self.log = self.session.log
         self._datasets: dict[str, Dataset] = {}
+        self._aux: dict[str, Dataset] = {}
         self._done_nodes: set[str] = set()
         self._fitted: str | None = None  # the fit node whose state the detector holds
 
@@ -45,11 +46,13 @@ class Executor:
         return self._datasets[spec]
 
     def aux_set(self, leg_name: str) -> Dataset:
-        """The leg's auxiliary set, refused when the method could not learn from it (no anomalous pixels)."""
-        spec = self.plan.spec
-        aux = open_datasets(self.plan.leg(leg_name).aux, spec.aux_categories, spec.aux_split, "auxiliary")
-        check_aux_supervision(aux, needs_masks=self.session.cls.needs_aux_masks)
-        return aux
+        """The leg's auxiliary set (opened and checked once), refused when the method could not learn from it."""
+        if leg_name not in self._aux:
+            spec = self.plan.spec
+            aux = open_datasets(self.plan.leg(leg_name).aux, spec.aux_categories, spec.aux_split, "auxiliary")
+            check_aux_supervision(aux, needs_masks=self.session.cls.needs_aux_masks)
+            self._aux[leg_name] = aux
+        return self._aux[leg_name]
 
     # ---------------------------------------------------------------- nodes
     def ensure(self, node_id: str) -> None:

@@ -163,6 +163,7 @@ def load_fitted(
         raise ZsadError(f"{result_path}: run has no protocol leg #{leg_index}")
     leg = legs[leg_index]
     seed = result.seeds[0] if seed is None else seed
+    preset = result.config.get("preset", {})
     fit = result.fit_for(leg.name, seed)
     if fit is None:
         raise ZsadError(f"{result_path}: no fitted checkpoint for leg '{leg.name}' seed {seed} (not a zero-shot run?)")
@@ -174,8 +175,9 @@ def load_fitted(
         targets=list(leg.targets),
         aux_categories=run.get("aux_categories"),
         aux_split=run.get("aux_split", "test"),
-        method_config=result.config.get("method", {}),
-        preset=result.config.get("preset", {}).get("name", "paper"),
+        # the header holds the first leg's options; a leg of another dataset kind recorded its own
+        method_config={**result.config.get("method", {}), **preset.get("leg_options", {}).get(leg.name, {})},
+        preset=preset.get("name", "paper"),
         backbone_kwargs=backbone_kwargs or {},
         weights=run.get("weights"),
         image_size=run.get("image_size"),

@@ -141,7 +141,6 @@ class Session:
         self.map_writer: MapWriter | None = None  # set by the executor for --save-maps
         self.resolved = resolve(spec)
         self.cls = self.resolved.cls
-        self.backbone_name = self.resolved.backbone_name
         self.detector = build_detector(spec, self.resolved)
         self.device = self.detector.device
         self.backbone = self.detector.backbone

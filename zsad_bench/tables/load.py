@@ -19,10 +19,9 @@ import pandas as pd
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import METRICS
-from zsad_bench.results import READABLE_SCHEMAS, RunResult, results_files
+from zsad_bench.results import BENCH_SCHEMA, READABLE_SCHEMAS, RunResult, results_files
 from zsad_bench.tables.names import canonical_protocol, dataset_name, dataset_names, leg_setting, reported_target
 
-BENCH_SCHEMA = "zsad-bench/bench/v1"
 BENCH_KEYS = ("method", "backbone", "device", "dtype", "batch_size", "component")
 BENCH_VALUES = ("images_per_s", "p50_ms", "p95_ms", "peak_mem_mb")
 LONG_COLUMNS = (

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench.errors import ZsadError
-from zsad_bench.results import RunResult, results_files
-
-BENCH_SCHEMA = "zsad-bench/bench/v1"
+from zsad_bench.results import BENCH_SCHEMA, RunResult, results_files
 
 
 @dataclass(eq=False)

@@ -125,17 +125,15 @@ def repredict(
 ) -> tuple[SavedMaps, dict[str, float]]:
     """Maps and scores of one category of a zero-shot run, from its fitted checkpoint and the feature cache.
 
-    Builds the target DataSource as ``Runner.source`` does (cached features, or preprocessed images for
-    methods with ``needs_images``).
+    The target DataSource is the run's own (:meth:`zsad_bench.runner.Session.source`: the preset's layers,
+    the recorded precision, cached features or preprocessed images).
     """
     import torch
     import torch.nn.functional as F
 
     from zsad_bench.data import open_dataset
-    from zsad_bench.data.io import load_image, load_mask
-    from zsad_bench.features import FeatureCache, extract_features
-    from zsad_bench.runner import rebuild
-    from zsad_bench.source import FeatureSource
+    from zsad_bench.data.io import load_mask
+    from zsad_bench.runner import load_fitted
 
     legs = [d["name"] for d in (run.config.get("run") or {}).get("legs", [])]
     leg = rec.get("protocol") or (legs[0] if legs else "")
@@ -143,24 +141,11 @@ def repredict(
         raise ZsadError(f"{run.path}: leg '{leg}' not in the run's config; the file is not from `zsad-bench run`")
     if log:
         log(f"{run.label}: no saved maps; re-predicting {rec['category']} from the fitted checkpoint")
-    detector, _ = rebuild(run.path, seed=rec.get("seed"), leg_index=legs.index(leg), device=device)
+    session, _ = load_fitted(run.path, seed=rec.get("seed"), leg_index=legs.index(leg), device=device)
+    detector = session.detector
     samples = open_dataset(rec["target"]).select([rec["category"]], "test").samples
-    backbone = detector.backbone
-    size = int((run.config.get("run") or {}).get("eval_size") or backbone.image_size)
-    if type(detector).needs_images:
-        source = FeatureSource(
-            samples, backbone.image_size, None, load_mask, lambda s: backbone.preprocess(load_image(s.image_path))
-        )
-    else:
-        store = extract_features(
-            backbone,
-            samples,
-            layers=type(detector).feature_layers,
-            cache=FeatureCache(),
-            progress=False,
-            device=torch.device(device),
-        )
-        source = FeatureSource(samples, backbone.image_size, store.get, load_mask)
+    size = int((run.config.get("run") or {}).get("eval_size") or session.image_size)
+    source = session.source(samples)
     paths, maps, masks, scores = [], [], [], {}
     with torch.inference_mode():
         for batch, pred in detector.predict_source(source, 8):
