@@ -1,7 +1,8 @@
 """The prepared GPU check of issue #13: SPG's paper protocol at full speed on one GPU, without any hub.
 
-    python benchmarks/gpu_check.py              # a CUDA machine: < 5 min on an H100/H200
-    python benchmarks/gpu_check.py --smoke      # any machine, CPU, seconds (part of the test suite)
+    python benchmarks/gpu_check.py --json $OUT/gpu_check.json   # a CUDA machine: < 5 min on an H100/H200
+    python benchmarks/gpu_check.py --only protocol               # rerun one section
+    python benchmarks/gpu_check.py --smoke                       # any machine, CPU, seconds (in the test suite)
 
 It builds a random-weight DINOv3 ViT-L/16 of the real architecture (transformers config, no weights
 needed), writes stand-ins of the test splits of MVTec AD (15 categories, 1,725 PNG images at their
@@ -14,7 +15,10 @@ resolutions, the ``split_csv/1cls.csv`` layout, 0/1 PNG masks), then measures:
 * extraction from image files, decode included (bf16), against the plain forward at batch 32;
 * the protocol end to end, VisA -> MVTec and MVTec -> VisA, cold cache, through the runner.
 
-and prints one table with the targets of the issue beside the measurements. Needs torch and
+and prints one table with the targets of the issue beside the measurements. Each row is also printed
+(and written to ``--json``) the moment it is measured, so a run stopped at a time limit keeps what it
+measured; a section that fails prints its traceback, becomes a "FAILED" row, and the next section runs
+(exit status 1). Needs torch and
 transformers only (neither open_clip nor the effnet weights); the smoke mode swaps in a tiny DINOv3
 config, a few small images and a tiny SPG, so it runs on a CPU in seconds.
 """
@@ -22,11 +26,13 @@ config, a few small images and a tiny SPG, so it runs on a CPU in seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any
@@ -257,15 +263,12 @@ def extraction_rows(backbone: Any, files: list[Path], device: Any, batch: int, w
 
 def protocol_rows(root: Path, config: Any, device: str, smoke: bool) -> list[tuple]:
     """Both cross-dataset directions through the runner, cold cache (a fresh ZSAD_BENCH_CACHE)."""
-    import dataclasses
-
     from zsad_bench.runner import RunSpec, run_experiment
 
     os.environ["ZSAD_BENCH_CACHE"] = str(root / "cache")
     method_config: dict[str, Any] = {}
     if smoke:
         method_config = {"sae_width": 64, "sae_k": 4, "sae_epochs": 1, "guide_epochs": 1, "auxk": 8}
-    extra = {"precision": "fp32"} if "precision" in {f.name for f in dataclasses.fields(RunSpec)} else {}
     rows = []
     t_all = time.perf_counter()
     for protocol in ("visa-to-mvtec", "mvtec-to-visa"):
@@ -281,8 +284,8 @@ def protocol_rows(root: Path, config: Any, device: str, smoke: bool) -> list[tup
             device=device,
             batch_size=8 if smoke else 32,
             out=root / "results" / f"{protocol}.json",
+            precision="fp32",
             progress=False,
-            **extra,
         )
         result, _ = run_experiment(spec)
         means = [r.metrics.get("image_auroc", float("nan")) for r in result.records]
@@ -303,6 +306,38 @@ def protocol_rows(root: Path, config: Any, device: str, smoke: bool) -> list[tup
     return rows
 
 
+SECTIONS = ("backbone", "fit", "extraction", "protocol")
+
+
+class Report:
+    """The table's rows, each printed the moment it is measured (a run killed at its time limit keeps
+    what it measured) and, with ``json_path``, rewritten to that file after every row."""
+
+    def __init__(self, json_path: Path | None) -> None:
+        self.rows: list[tuple[str, str, str]] = []
+        self.failed: list[str] = []
+        self.json_path = json_path
+
+    def add(self, rows: list[tuple[str, str, str]]) -> None:
+        for row in rows:
+            self.rows.append(row)
+            print(f"gpu_check: {row[0]}: {row[1]}" + (f"  [target {row[2]}]" if row[2] else ""), flush=True)
+        if self.json_path is not None:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            keys = ("what", "measured", "target")
+            doc = {"rows": [dict(zip(keys, r, strict=True)) for r in self.rows], "failed": self.failed}
+            self.json_path.write_text(json.dumps(doc, indent=1) + "\n")
+
+    def section(self, name: str, fn: Any) -> None:
+        """Run one section; a failure becomes a row (its traceback on stderr) and the next section runs."""
+        try:
+            self.add(fn())
+        except Exception as exc:
+            traceback.print_exc()
+            self.failed.append(name)
+            self.add([(f"{name} section FAILED", f"{type(exc).__name__}: {exc}", "")])
+
+
 def render(rows: list[tuple[str, str, str]]) -> str:
     header = ("what", "measured", "target")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(3)]
@@ -319,6 +354,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--root", type=Path, help="where to write the stand-in data and the cold cache (default: a temp dir)"
     )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="run these sections only (to rerun one that failed); default: all",
+    )
+    p.add_argument("--json", type=Path, help="also write the rows to this JSON file (rewritten after every row)")
     args = p.parse_args(argv)
 
     import torch
@@ -344,26 +387,38 @@ def main(argv: list[str] | None = None) -> int:
         config = DINOv3ViTConfig(**DINOV3_L16)
         size, batches, warmup, iters = 448, [1, 8, 32], 3, 10
     t0 = time.perf_counter()
+    report = Report(args.json)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report.add([("device", f"{name}, torch {torch.__version__}", "")])
     with tempfile.TemporaryDirectory(prefix="zsad-gpu-check-") as tmp:
         root = args.root or Path(tmp)
         n_mvtec, n_visa = make_protocol_data(root, args.smoke, 1 if args.smoke else min(16, os.cpu_count() or 1))
-        rows: list[tuple[str, str, str]] = [
-            ("device", torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", ""),
-            (
-                "stand-in data written",
-                f"MVTec AD {n_mvtec} + VisA {n_visa} test images, {time.perf_counter() - t0:.0f} s",
-                "1,725 + 2,162" if not args.smoke else "",
-            ),
-        ]
+        report.add(
+            [
+                (
+                    "stand-in data written",
+                    f"MVTec AD {n_mvtec} + VisA {n_visa} test images, {time.perf_counter() - t0:.0f} s",
+                    "1,725 + 2,162" if not args.smoke else "",
+                )
+            ]
+        )
         torch.manual_seed(0)  # the random weights: the same model on every run
         backbone = create_backbone("dinov3", config=config, image_size=size).to(device).eval()
-        rows += backbone_rows(backbone, device, batches, warmup, iters)
-        rows += fit_rows(device, args.smoke)
         files = sorted((root / "visa").glob("*/Data/Images/*/*.JPG"))[: (4 if args.smoke else 512)]
-        rows += extraction_rows(backbone, files, device, batches[-1], warmup, iters)
-        rows += protocol_rows(root, config, device_name, args.smoke)
-    rows.append(("gpu_check wall time", f"{time.perf_counter() - t0:.0f} s", "< 300 s"))
-    print(render(rows))
+        sections = {
+            "backbone": lambda: backbone_rows(backbone, device, batches, warmup, iters),
+            "fit": lambda: fit_rows(device, args.smoke),
+            "extraction": lambda: extraction_rows(backbone, files, device, batches[-1], warmup, iters),
+            "protocol": lambda: protocol_rows(root, config, device_name, args.smoke),
+        }
+        for section in SECTIONS:
+            if section in args.only:
+                report.section(section, sections[section])
+    report.add([("gpu_check wall time", f"{time.perf_counter() - t0:.0f} s", "< 300 s")])
+    print(render(report.rows), flush=True)
+    if report.failed:
+        print(f"gpu_check: failed sections: {', '.join(report.failed)} (tracebacks above)", file=sys.stderr)
+        return 1
     return 0
 
 

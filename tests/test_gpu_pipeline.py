@@ -3,6 +3,7 @@ fit, one device-to-host copy per extraction batch, one-line worker errors, key p
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -221,3 +222,31 @@ def test_gpu_check_smoke_runs_on_cpu() -> None:
     assert rows["SPG guide step (tiny sizes), fp32"][1].strip() == "<= 2 ms"
     assert rows["protocol stand-in, both directions, cold cache"][0].strip().endswith(" s")
     assert "stand-in data written" in rows and "zsad-bench backbone, bf16, batch 2" in rows
+
+
+def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section that raises becomes a FAILED row (exit 1) and the sections after it still run."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def broken(device: object, smoke: bool) -> list:
+        raise RuntimeError("no fused kernel here")
+
+    monkeypatch.setattr(mod, "fit_rows", broken)
+    monkeypatch.setenv("ZSAD_BENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "rows.json"
+    rc = mod.main(["--smoke", "--only", "fit", "backbone", "--json", str(out), "--root", str(tmp_path / "data")])
+    doc = json.loads(out.read_text())
+    whats = [r["what"] for r in doc["rows"]]
+    assert rc == 1 and doc["failed"] == ["fit"]
+    failed = next(r for r in doc["rows"] if r["what"] == "fit section FAILED")
+    assert failed["measured"] == "RuntimeError: no fused kernel here"
+    # backbone runs before fit (section order, not --only order); extraction and protocol were not asked for
+    assert whats.index("zsad-bench backbone, bf16, batch 2") < whats.index("fit section FAILED")
+    assert not any(w.startswith(("extraction", "protocol")) for w in whats)
+    assert whats[-1] == "gpu_check wall time"

@@ -3,7 +3,7 @@
 from zsad_bench.data.check import check_aux_supervision, validate
 from zsad_bench.data.io import DECODING, samples_fingerprint
 from zsad_bench.data.records import ANOMALOUS, NORMAL, Dataset, Sample, pixel_labelled
-from zsad_bench.data.registry import DATASETS, list_datasets, open_dataset, register_dataset
+from zsad_bench.data.registry import DATASETS, check_categories, list_datasets, open_dataset, register_dataset
 
 __all__ = [
     "ANOMALOUS",
@@ -13,6 +13,7 @@ __all__ = [
     "Dataset",
     "Sample",
     "check_aux_supervision",
+    "check_categories",
     "list_datasets",
     "open_dataset",
     "pixel_labelled",

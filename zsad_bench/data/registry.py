@@ -60,11 +60,21 @@ def open_dataset(spec: str, categories: Sequence[str] | None = None) -> Dataset:
         where = exc.filename or root
         raise DataError(f"{where}: cannot read ({exc.strerror or exc}); fix the path or its permissions") from None
     if categories:
-        missing = [c for c in categories if c not in ds.categories]
-        if missing:
-            raise DataError(
-                f"{ds.root}: unknown categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}; "
-                f"available: {', '.join(ds.categories)}"
-            )
+        check_categories([ds], categories, str(ds.root))
         ds = ds.select(categories)
     return ds
+
+
+def check_categories(datasets: Sequence[Dataset], categories: Sequence[str] | None, where: str, role: str = "") -> None:
+    """Every entry of ``categories`` (None or empty: all) must be a category of one of ``datasets``.
+
+    ``where`` names them in the error (a root, or the dataset specs joined by ``+``); ``role`` ("target",
+    "auxiliary") qualifies the word category.
+    """
+    if not categories:
+        return
+    known = [c for ds in datasets for c in ds.categories]
+    missing = [c for c in categories if c not in known]
+    if missing:
+        noun = f"{role} " * bool(role) + ("category" if len(missing) == 1 else "categories")
+        raise DataError(f"{where}: unknown {noun} {', '.join(missing)}; available: {', '.join(known)}")

@@ -16,12 +16,11 @@ and in several processes; the :mod:`~zsad_bench.runner.store` merges their recor
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zsad_bench.data import Dataset, open_dataset, validate
+from zsad_bench.data import Dataset, check_categories, open_dataset, validate
 from zsad_bench.detector import LearningType
 from zsad_bench.errors import ZsadError
 from zsad_bench.protocols import Leg
@@ -125,7 +124,7 @@ class Plan:
 def open_datasets(specs: tuple[str, ...], categories: list[str] | None, split: str, role: str) -> Dataset:
     """Open and concatenate datasets, keep ``categories`` (each must exist in one of them) and ``split``."""
     datasets = [open_dataset(s) for s in specs]
-    check_categories(datasets, categories, specs, role)
+    check_categories(datasets, categories, " + ".join(specs), role)
     samples = []
     for ds in datasets:  # each dataset validated on its own (sample keys may collide across datasets)
         part = ds.select(_kept(ds, categories), split)
@@ -135,19 +134,6 @@ def open_datasets(specs: tuple[str, ...], categories: list[str] | None, split: s
         raise ZsadError(f"{' + '.join(specs)}: no {split} images for the {role} set")
     first = datasets[0]
     return Dataset("+".join(d.name for d in datasets), first.root, samples, first.kind)
-
-
-def check_categories(datasets: list[Dataset], categories: list[str] | None, specs: Sequence[str], role: str) -> None:
-    """Every entry of ``categories`` (None: all) must be a category of one of ``datasets`` (opened ``specs``)."""
-    if not categories:
-        return
-    known = [c for ds in datasets for c in ds.categories]
-    missing = [c for c in categories if c not in known]
-    if missing:
-        raise ZsadError(
-            f"{role} categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)} not in "
-            f"{' + '.join(specs)}; available: {', '.join(known)}"
-        )
 
 
 def _kept(ds: Dataset, categories: list[str] | None) -> list[str]:
@@ -172,7 +158,7 @@ def make_plan(
         raise ZsadError(f"fit scope '{fit_scope}': a method fits per 'category' or per 'dataset'")
     targets = {t: open_dataset(t) for leg in legs for t in leg.targets}
     # every --categories entry must be a category of some target (legs may have disjoint ones)
-    check_categories(list(targets.values()), spec.categories, sorted(targets), "target")
+    check_categories(list(targets.values()), spec.categories, " + ".join(sorted(targets)), "target")
     plan = Plan(spec, header, legs)
     for seed in spec.seeds:
         for leg in legs:
