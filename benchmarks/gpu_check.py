@@ -212,16 +212,19 @@ def backbone_rows(backbone: Any, device: Any, batches: list[int], warmup: int, i
 
 def fit_rows(device: Any, smoke: bool) -> list[tuple]:
     from zsad_bench.bench import spg_fit_figures
+    from zsad_bench.methods._spg_sae import dense_auxk
 
     size = "tiny" if smoke else "paper"
     iters = 3 if smoke else 20
     rows = []
     for precision in ("fp32", "tf32"):
         fig = spg_fit_figures(device, size, warmup=1 if smoke else 5, iters=iters, precision=precision)
+        used = "dense" if dense_auxk(device) else "sparse"
+        other = "sparse" if used == "dense" else "dense"
         rows.append(
             (
                 f"SPG SAE step ({size} sizes), {precision}",
-                f"{fig['sae_step_ms']:.2f} ms",
+                f"{fig['sae_step_ms']:.2f} ms ({used} AuxK decode; {other}: {fig[f'sae_step_ms_auxk_{other}']:.2f} ms)",
                 "<= 8 ms" if precision == "fp32" else "",
             )
         )

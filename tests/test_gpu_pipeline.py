@@ -250,3 +250,12 @@ def test_gpu_check_reports_a_failed_section_and_goes_on(tmp_path: Path, monkeypa
     assert whats.index("zsad-bench backbone, bf16, batch 2") < whats.index("fit section FAILED")
     assert not any(w.startswith(("extraction", "protocol")) for w in whats)
     assert whats[-1] == "gpu_check wall time"
+
+
+def test_fit_figures_time_both_auxk_decodes_and_report_the_fits_choice() -> None:
+    from zsad_bench.bench import spg_fit_figures
+
+    fig = spg_fit_figures(torch.device("cpu"), "tiny", warmup=1, iters=2)
+    assert set(fig) == {"sae_step_ms", "sae_step_ms_auxk_sparse", "sae_step_ms_auxk_dense", "guide_step_ms"}
+    assert fig["sae_step_ms"] == fig["sae_step_ms_auxk_sparse"]  # a CPU fit decodes AuxK sparsely
+    assert all(v > 0 for v in fig.values())

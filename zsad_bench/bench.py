@@ -240,8 +240,12 @@ def spg_fit_figures(
     device: torch.device, size: str = "paper", warmup: int = 2, iters: int = 5, precision: str = "fp32"
 ) -> dict[str, float]:
     """Milliseconds per SPG SAE step (with AuxK active) and per guide step on synthetic tokens of ``size``
-    (:data:`FIT_SIZES`), as the fit runs them (device-resident batches, fused Adam on CUDA)."""
-    from zsad_bench.methods._spg_sae import EMA, DeadLatentTracker, TopKSAE
+    (:data:`FIT_SIZES`), as the fit runs them (device-resident batches, fused Adam on CUDA).
+
+    ``sae_step_ms`` is the step with the AuxK decode the fit uses on ``device`` (dense on CUDA, sparse
+    elsewhere); ``sae_step_ms_auxk_sparse`` / ``_dense`` time both forms (the same numbers to float
+    rounding), so a new device's figures say which one it should use."""
+    from zsad_bench.methods._spg_sae import EMA, DeadLatentTracker, TopKSAE, dense_auxk
     from zsad_bench.methods.spg import SPG, _adam
 
     z = FIT_SIZES[size]
@@ -255,10 +259,13 @@ def spg_fit_figures(
         sae = TopKSAE(z["dim"], z["width"], z["k"], gen).to(device)
         opt = _adam(list(sae.parameters()), 1e-3, (0.5, 0.999), device)
         tracker = DeadLatentTracker(z["width"], 1, 1e-3, device)  # window 1 token: AuxK always on
-        dense = device.type == "cuda"
-        sae_ms = 1e3 * statistics.median(
-            time_fn(lambda: det._sae_step(sae, opt, tracker, x, dense), device, warmup, iters)
-        )
+        sae_ms = {
+            form: 1e3
+            * statistics.median(
+                time_fn(lambda d=form == "dense": det._sae_step(sae, opt, tracker, x, d), device, warmup, iters)
+            )
+            for form in ("sparse", "dense")
+        }
         xg = torch.randn(z["guide_batch"], grid * grid, z["dim"], generator=gen).to(device)
         gg = torch.randn(z["guide_batch"], z["dim"], generator=gen).to(device)
         y = (torch.rand(z["guide_batch"], z["size"], z["size"], generator=gen) > 0.9).float().to(device)
@@ -271,7 +278,13 @@ def spg_fit_figures(
         guide_ms = 1e3 * statistics.median(
             time_fn(lambda: det._guide_step(raw, gopt, ema, atoms, alive, batch, grid, grid), device, warmup, iters)
         )
-    return {"sae_step_ms": sae_ms, "guide_step_ms": guide_ms}
+    used = "dense" if dense_auxk(device) else "sparse"
+    return {
+        "sae_step_ms": sae_ms[used],
+        "sae_step_ms_auxk_sparse": sae_ms["sparse"],
+        "sae_step_ms_auxk_dense": sae_ms["dense"],
+        "guide_step_ms": guide_ms,
+    }
 
 
 def _load_batch(backbone: Any, samples: Sequence[Any], n: int) -> torch.Tensor:

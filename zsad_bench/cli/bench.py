@@ -73,7 +73,8 @@ def _bench(args: argparse.Namespace) -> int:
     if doc.get("fit"):
         fit = doc["fit"]
         print(
-            f"\nSPG fit steps ({fit['size']} sizes): SAE {fit['sae_step_ms']:.2f} ms/step, "
+            f"\nSPG fit steps ({fit['size']} sizes): SAE {fit['sae_step_ms']:.2f} ms/step "
+            f"(AuxK decode sparse {fit['sae_step_ms_auxk_sparse']:.2f}, dense {fit['sae_step_ms_auxk_dense']:.2f}), "
             f"guides {fit['guide_step_ms']:.2f} ms/step, peak {fit['peak_mem_mb']:.0f} MB"
         )
     print(f"\nbench results written to {out}")

@@ -113,6 +113,13 @@ def decode_dense(vals: torch.Tensor, idx: torch.Tensor, atoms: torch.Tensor) -> 
     return dense.scatter(-1, idx, vals) @ atoms
 
 
+def dense_auxk(device: torch.device) -> bool:
+    """Whether the SAE fit decodes AuxK densely on ``device``: on CUDA (one matmul on the tensor cores;
+    ``zsad_bench.bench.spg_fit_figures`` times both forms), not on a CPU (the sparse form is faster there
+    and keeps CPU fits bitwise what they were)."""
+    return device.type == "cuda"
+
+
 def auxk_loss(
     x: torch.Tensor,
     x_hat: torch.Tensor,

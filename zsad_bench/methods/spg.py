@@ -39,6 +39,7 @@ from zsad_bench.methods._spg_sae import (
     cosine_to_guides,
     decode_dense,
     decode_sparse,
+    dense_auxk,
     effective_coefficients,
     focal_loss,
     sparse_topk,
@@ -332,7 +333,7 @@ class SPG(Detector):
         sae = TopKSAE(dim, c.sae_width, c.sae_k, torch.Generator().manual_seed(ctx.seed)).to(ctx.device)
         opt = _adam(list(sae.parameters()), c.sae_lr, tuple(c.sae_betas), ctx.device)
         tracker = DeadLatentTracker(c.sae_width, c.dead_window_tokens, c.dead_fire_threshold, ctx.device)
-        dense_aux = ctx.device.type == "cuda"
+        dense_aux = dense_auxk(ctx.device)
         wide = torch.float32 if ctx.device.type == "mps" else torch.float64  # sums as the old Python floats
         rec_mean = aux_mean = 0.0
         dead = torch.zeros(c.sae_width, dtype=torch.bool, device=ctx.device)
