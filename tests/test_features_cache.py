@@ -201,9 +201,43 @@ def test_info_clear_and_cli(backbone, samples, tmp_path: Path, capsys: pytest.Ca
         args.func(args)
     args = parser.parse_args(["cache", "clear", "--yes", "--dir", str(root)])
     assert args.func(args) == 0
-    assert "deleted 5 entries" in capsys.readouterr().out
+    assert "deleted 5 feature entries" in capsys.readouterr().out
     assert entry_files(root) == [] and (root / "keep.txt").is_file() and (root / "other-tool" / "meta.json").is_file()
     assert cache.clear() == 0
+
+
+def test_clear_all_empties_the_other_stores_but_not_locks(
+    backbone, samples, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ZSAD_BENCH_CACHE", str(tmp_path))
+    extract_features(backbone, samples, cache=FeatureCache(), progress=False)
+    for rel, data in [
+        ("checkpoints/spg/a.safetensors", b"12345678"),
+        ("artifacts/spg/sae.pt", b"1234"),
+        ("validated/v.json", b"{}"),
+        ("locks/x.lock", b""),
+    ]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    parser = argparse.ArgumentParser()
+    cache_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["cache", "info"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f"checkpoints: {tmp_path / 'checkpoints'}  1 files  8 B  (fitted detectors)" in out
+    assert "artifacts:" in out and "validated:" in out and "locks" not in out
+    with pytest.raises(ZsadError, match="drop --dir"):
+        args = parser.parse_args(["cache", "clear", "--all", "--yes", "--dir", str(tmp_path / "features")])
+        args.func(args)
+    args = parser.parse_args(["cache", "clear", "--yes"])  # features only: the fits stay
+    assert args.func(args) == 0
+    assert entry_files(tmp_path / "features") == [] and (tmp_path / "checkpoints/spg/a.safetensors").is_file()
+    args = parser.parse_args(["cache", "clear", "--all", "--yes"])
+    assert args.func(args) == 0
+    deleted = "0 feature entries, 1 checkpoints files, 1 artifacts files, 1 validated files (14 B)"
+    assert deleted in capsys.readouterr().out
+    assert {p.name for p in tmp_path.iterdir()} <= {"features", "locks"}
+    assert (tmp_path / "locks" / "x.lock").is_file()
 
 
 def test_bad_arguments(backbone, samples, tmp_path: Path) -> None:
