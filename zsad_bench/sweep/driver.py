@@ -4,6 +4,10 @@ A sweep directory holds one results file per point (``<name>.json`` + ``.csv``, 
 DIR`` renders it) and ``_sweep/``: ``manifest.json`` (every point's options, resolved config, status,
 device, threads; every stage's status) and ``logs/<task>.log``. Re-running the sweep skips complete
 points and resumes incomplete ones from their last finished category (the runner's ``--resume``).
+
+Points of an earlier version of the grid that the current one no longer has are *retired*: their files
+move to ``_sweep/retired/`` (out of what ``table DIR`` renders, never deleted) and their manifest entry
+to ``retired``; a grid that brings a point back restores its files and entry.
 """
 
 from __future__ import annotations
@@ -45,6 +49,54 @@ class Outcome:
 def sweep_paths(out_dir: Path) -> tuple[Path, Path]:
     meta = Path(out_dir) / "_sweep"
     return meta / "manifest.json", meta / "logs"
+
+
+def retired_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "_sweep" / "retired"
+
+
+def _point_files(folder: Path, results_name: str) -> list[Path]:
+    """A point's files in ``folder``: ``<name>.json``, ``.csv``, ``.maps/``, ``.html`` ... (``<name>.*``)."""
+    stem = results_name.removesuffix(".json")
+    return sorted(folder.glob(f"{stem}.*")) if folder.is_dir() else []
+
+
+def stale_points(plan: Plan, manifest: dict[str, Any]) -> list[str]:
+    """Ids of the manifest's points that ``plan`` (the grid as it is now) no longer has."""
+    current = {p.id for p in plan.points}
+    return [pid for pid in manifest.get("points", {}) if pid not in current]
+
+
+def _move(files: list[Path], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if (dest / f.name).exists():
+            raise ZsadError(f"{dest / f.name} already exists; move one of the two copies of {f.name} away")
+        f.rename(dest / f.name)
+
+
+def retire_and_restore(out_dir: Path, plan: Plan, manifest: dict[str, Any], stream: TextIO) -> None:
+    """Move the files of points no longer in the grid to ``_sweep/retired/``; bring back those it has again."""
+    out_dir, shelf = Path(out_dir), retired_dir(out_dir)
+    retired = manifest.setdefault("retired", {})
+    restored = 0
+    for point in plan.points:
+        if point.id in retired and not _point_files(out_dir, point.results_name):
+            _move(_point_files(shelf, point.results_name), out_dir)
+            manifest["points"][point.id] = retired.pop(point.id)
+            restored += 1
+    stale = stale_points(plan, manifest)
+    for pid in stale:
+        entry = manifest["points"].pop(pid)
+        _move(_point_files(out_dir, entry["results"]), shelf)
+        retired[pid] = entry
+    if restored:
+        stream.write(f"[sweep] {restored} point(s) back in the grid: files restored from {shelf}\n")
+    if stale:
+        stream.write(
+            f"[sweep] {len(stale)} point(s) of an earlier grid are not in this one: their files moved to {shelf} "
+            "(not rendered by table; restored if the grid has them again)\n"
+        )
 
 
 def load_manifest(out_dir: Path) -> dict[str, Any]:
@@ -103,6 +155,9 @@ def describe(out_dir: Path, plan: Plan) -> str:
         state = point_state(out_dir, point, plan, manifest)
         lead = " [shared fit: runs first]" if groups.get(point.id, 0) > 1 else ""
         lines.append(f"  point {point.id}  {state:<10}  {point.label}{lead}")
+    for pid in stale_points(plan, manifest):
+        label = manifest["points"][pid].get("label", "")
+        lines.append(f"  point {pid}  retire      {label} [not in this grid: its files move to {retired_dir(out_dir)}]")
     return "\n".join(lines)
 
 
@@ -188,6 +243,7 @@ def _run(
         updated=_now(),
     )
     stages, points = manifest.setdefault("stages", {}), manifest.setdefault("points", {})
+    retire_and_restore(out_dir, plan, manifest, stream)
     outcome = Outcome()
     common = {"threads": opts.threads, "cache_dir": str(cache)}
     tasks: list[Task] = []
