@@ -8,13 +8,14 @@ import io
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
-from sklearn.metrics import auc, precision_recall_curve, roc_auc_score
+from sklearn.metrics import auc, precision_recall_curve, roc_auc_score, roc_curve
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.viz import plots
@@ -465,3 +466,172 @@ def test_several_one_dimensional_sweeps_in_one_folder(tmp_path: Path) -> None:
     assert [t.get_text() for t in bars.get_xticklabels()] == ["dinov2", "effnet-lite0"]
     assert [p.get_height() for p in bars.patches] == pytest.approx([mean["v5"], mean["v0"]])
     plots.close(list(figs.values()))
+
+
+# ------------------------------------------------------------------------------------------ multi-seed runs
+
+
+def write_two_seed_run(folder: Path, name: str = "two", label: str = "MethodA") -> Path:
+    """One results file with seeds 0 and 1 (as `run --seed 0 1` writes it) and the saved maps of both. Image
+    scores are set by hand: seed 0's put every anomalous image above every good one (AUROC 1), seed 1's the
+    reverse (AUROC 0); the maps of the two seeds are different random blobs."""
+    parts = [write_run(folder, f"{name}_s{seed}", label, seed=seed) for seed in (0, 1)]
+    data = json.loads(parts[0].read_text())
+    data["seeds"], data["records"], data["images"] = [0, 1], [], []
+    path = folder / f"{name}.json"
+    for seed, part in enumerate(parts):
+        d = json.loads(part.read_text())
+        for im in d["images"]:
+            high = im["label"] if seed == 0 else 1 - im["label"]
+            im["score"] = 0.2 + 0.6 * high + 0.01 * int(Path(im["path"]).stem)
+        for rec in d["records"]:
+            rec["metrics"]["image_auroc"] = 1.0 - seed
+        data["records"] += d["records"]
+        data["images"] += d["images"]
+        shutil.move(maps_dir(part) / f"seed={seed}", maps_dir(path) / f"seed={seed}")
+        shutil.rmtree(maps_dir(part))
+        part.unlink()
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _seed_images(path: Path, seed: int, category: str = "cat_a") -> tuple[list[int], list[float]]:
+    rows = [x for x in json.loads(path.read_text())["images"] if x["seed"] == seed and x["category"] == category]
+    return [x["label"] for x in rows], [x["score"] for x in rows]
+
+
+def test_plot_draws_the_chosen_seed_and_says_which(tmp_path: Path) -> None:
+    path = write_two_seed_run(tmp_path)
+    runs = load_runs([path])
+    assert runs[0].seeds == [0, 1]
+    for seed, drawn, expect in ((None, 0, 1.0), (0, 0, 1.0), (1, 1, 0.0)):
+        fig = plots.curve_figure(runs, "roc", seed)
+        ax = fig.figure.axes[0]
+        assert ax.get_title() == "cat_a"
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "MethodA"]
+        labels, scores = _seed_images(path, drawn)
+        assert roc_auc_score(labels, scores) == expect  # the hand-designed scores
+        fpr, tpr, _ = roc_curve(labels, scores)
+        np.testing.assert_allclose(line.get_xdata(), fpr)
+        np.testing.assert_allclose(line.get_ydata(), tpr)
+        assert auc(*line.get_data()) == pytest.approx(expect)
+        assert fig.title == fig.figure._suptitle.get_text() == f"Image ROC curves (seed {drawn} of 0, 1)"
+        assert f"seed {drawn} of 0, 1" in fig.caption and "first seed" not in fig.caption
+        plots.close([fig])
+    # histograms follow the seed: seed 0 scores good images 0.20-0.28 (bins left of 0.3), seed 1 0.80-0.88
+    for seed, good_at in ((0, lambda x: x < 0.3), (1, lambda x: x > 0.7)):
+        (hist,) = plots.histogram_figures(runs, seed)
+        assert hist.title == f"Score histograms, MethodA (seed {seed} of 0, 1)"
+        good = hist.figure.axes[0].containers[0]
+        assert sum(p.get_height() for p in good if good_at(p.get_x())) == 5
+        plots.close([hist])
+
+
+def test_seed_not_in_a_run_is_a_one_line_error_naming_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_two_seed_run(tmp_path)
+    with pytest.raises(ZsadError, match=r"no seed 5; its seeds are 0, 1$"):
+        plots.curve_figure(load_runs([path]), "roc", 5)
+    for cmd in (["plot"], ["show", "--category", "cat_a"]):
+        assert _main([*cmd, str(path), "--seed", "5"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(path) in err and "its seeds are 0, 1" in err
+    other = write_run(tmp_path / "b", "b", "MethodB", seed=0)  # compared runs with different seed sets
+    assert _main(["plot", str(path), str(other), "--seed", "1", "-o", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"zsad-bench: error: {other}: --seed 1") and "its seeds are 0" in err
+    assert _main(["plot", str(path), str(other), "--seed", "0", "-o", str(tmp_path / "f")]) == 0
+    with pytest.raises(SystemExit):
+        _main(["plot", str(path), "--seed", "last"])
+    assert "neither a seed (an integer) nor 'all'" in capsys.readouterr().err
+
+
+def test_plot_all_seeds_thin_lines_and_mean_std_in_the_legend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_two_seed_run(tmp_path)
+    runs = load_runs([path])
+    colour = plots.colors(runs)["MethodA"][0]
+    # ROC: AUROC 1 (seed 0) and 0 (seed 1): mean 0.5, sample std sqrt(((1 - .5)^2 + (0 - .5)^2) / 1) = 0.7071
+    # PR: seed 1 ranks the 5 anomalous images of 10 last: AP = (1/6 + 2/7 + 3/8 + 4/9 + 5/10) / 5
+    ap1 = (1 / 6 + 2 / 7 + 3 / 8 + 4 / 9 + 5 / 10) / 5
+    expect = {"roc": ("AUROC", [1.0, 0.0]), "pr": ("AP", [1.0, ap1])}
+    for kind, (name, values) in expect.items():
+        fig = plots.curve_figure(runs, kind, "all")
+        mean, std = (values[0] + values[1]) / 2, abs(values[0] - values[1]) / math.sqrt(2)
+        assert fig.title.endswith("(every seed)")
+        for ax, cat in zip(fig.figure.axes, CATEGORIES, strict=True):
+            lines = [ln for ln in ax.get_lines() if ln.get_color() == colour]
+            assert len(lines) == 2 and all(ln.get_linewidth() < 1 for ln in lines)
+            legend = [t.get_text() for t in ax.get_legend().get_texts()]
+            assert legend == [f"MethodA ({name} {mean:.2f} ± {std:.2f})"], cat
+            if kind == "roc":
+                assert sorted(auc(*ln.get_data()) for ln in lines) == pytest.approx([0.0, 1.0])
+        plots.close([fig])
+    assert f"{0.5:.2f} ± {math.sqrt(0.5):.2f}" == "0.50 ± 0.71"
+    # the CLI: --seed all reaches the curves; histograms keep one seed (the first) and say so
+    drawn: list = []
+    close = plots.close
+    monkeypatch.setattr(plots, "close", lambda figs: (drawn.extend(figs), close(figs)))
+    assert _main(["plot", str(path), "--seed", "all", "-o", str(tmp_path / "figs")]) == 0
+    titles = {f.name: f.title for f in drawn}
+    assert titles["image_roc"] == "Image ROC curves (every seed)"
+    assert titles["hist_MethodA"] == "Score histograms, MethodA (seed 0 of 0, 1)"
+    assert titles["pixel_roc"] == "Pixel ROC curves (seed 0 of 0, 1)"
+    drawn.clear()
+    assert _main(["plot", str(path), "--seed", "1", "-o", str(tmp_path / "figs")]) == 0
+    titles = {f.name: f.title for f in drawn}
+    assert titles["image_pr"] == "Image precision-recall curves (seed 1 of 0, 1)"
+    assert titles["pro"] == "PRO curves (FPR up to 0.3) (seed 1 of 0, 1)"
+
+
+def test_show_seed_draws_that_seeds_maps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import matplotlib.pyplot as plt
+
+    path = write_two_seed_run(tmp_path)
+    figures: list = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))  # the figure, once drawn
+    scaled = {}
+    for seed in (0, 1):
+        saved = read_maps(path, "cat_a", seed=seed)
+        scaled[seed] = {
+            p: (m - saved.maps.min()) / np.ptp(saved.maps) for p, m in zip(saved.paths, saved.maps, strict=True)
+        }
+    for args, seed in (([], 0), (["--seed", "1"], 1)):
+        out = tmp_path / f"grid{seed}.png"
+        assert _main(["show", str(path), "-c", "cat_a", "--n", "3", "-o", str(out), *args]) == 0
+        assert capsys.readouterr().out.strip() == f"3 images of cat_a (worst, seed {seed} of 0, 1) from 1 run(s): {out}"
+        fig = figures.pop()
+        assert f"seed {seed} of 0, 1" in fig._suptitle.get_text()
+        labels, scores = _seed_images(path, seed)
+        paths = [x["path"] for x in json.loads(path.read_text())["images"] if x["seed"] == seed][: len(labels)]
+        picked = choose(list(zip(paths, labels, scores, strict=True)), 3, "worst")
+        for i, p in enumerate(picked):
+            panel = fig.axes[4 * i + 2].images[0].get_array()
+            np.testing.assert_allclose(panel, scaled[seed][p], atol=1e-6)
+            assert not np.allclose(panel, scaled[1 - seed][p], atol=1e-3)
+
+
+def test_show_re_predicts_with_the_chosen_seeds_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zsad_bench.runner
+
+    path = write_two_seed_run(tmp_path)
+    shutil.rmtree(maps_dir(path))  # a zero-shot run without saved maps is re-predicted from its checkpoint
+
+    def load_fitted(results: Path, seed: int, leg_index: int, device: str) -> None:
+        raise ZsadError(f"load_fitted {results} seed={seed} leg={leg_index}")
+
+    monkeypatch.setattr(zsad_bench.runner, "load_fitted", load_fitted)
+    for seed in (0, 1):
+        with pytest.raises(ZsadError, match=rf"load_fitted {re.escape(str(path))} seed={seed} leg=0$"):
+            show_grid(load_runs([path]), "cat_b", tmp_path / "g.png", seed=seed)
+
+
+def test_report_captions_name_the_seed_of_multi_seed_runs(tmp_path: Path) -> None:
+    path = write_two_seed_run(tmp_path)
+    out, names = build_report([path], tmp_path / "report.html", overlays=2)
+    doc = out.read_text()
+    captions = dict(re.findall(r'<figure id="fig-([^"]+)".*?<figcaption>(.*?)</figcaption>', doc))
+    assert set(captions) == set(names) and "overlay_cat_a" in names
+    for name in ("image_roc", "image_pr", "pixel_roc", "pro", "hist_MethodA", "overlay_cat_a", "overlay_cat_b"):
+        assert "seed 0 of 0, 1" in captions[name], name

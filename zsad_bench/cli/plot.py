@@ -16,12 +16,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "histograms (from per-image records), pixel ROC and PRO curves (from saved maps), per-category bar charts "
         "with the papers' reported values as markers, metric-vs-k curves (few-shot runs at several --shots) and "
         "ablation plots (runs of one method differing in one config value: line or bars; in two: heat map). "
-        f"PNG and PDF (vector), colour-blind-safe Okabe-Ito colours, one colour per run in every figure. {NEEDS_MAPS}",
+        "PNG and PDF (vector), colour-blind-safe Okabe-Ito colours, one colour per run in every figure. Curves and "
+        "histograms of multi-seed runs show one seed (--seed N; default: the first) and their titles say which; "
+        "--seed all draws every seed in the image ROC and PR curves (thin lines, AUROC/AP as mean ± sample std "
+        f"over seeds in the legend). Bars are means over seeds. {NEEDS_MAPS}",
     )
     p.add_argument("results", nargs="+", type=Path, help="results JSON files or folders of them (a sweep)")
     p.add_argument("--out", "-o", type=Path, help="output folder (default: figures/ beside the first results file)")
     p.add_argument("--format", nargs="+", choices=("png", "pdf", "svg"), default=["png", "pdf"], help="file formats")
+    p.add_argument(
+        "--seed",
+        type=_seed,
+        metavar="N|all",
+        help="seed of the curves and histograms (every results file must have it; default: each run's first); "
+        "'all': every seed as a thin line in the image ROC and PR curves (the first seed elsewhere)",
+    )
     p.set_defaults(func=_plot)
+
+
+def _seed(text: str) -> int | str:
+    from zsad_bench.viz.plots import ALL_SEEDS
+
+    if text == ALL_SEEDS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a seed (an integer) nor '{ALL_SEEDS}'") from None
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -31,7 +52,7 @@ def _plot(args: argparse.Namespace) -> int:
 
     runs = load_runs(args.results)
     out = args.out or runs[0].path.parent / "figures"
-    figs = plots.all_figures(runs)
+    figs = plots.all_figures(runs, args.seed)
     if not figs:
         raise ZsadError(f"{runs[0].path}: nothing to plot (no records); pass results files of `zsad-bench run`")
     for f in figs:

@@ -172,7 +172,8 @@ def read_maps(results_path: Path | str, category: str, seed: int | None = None, 
     leg_glob = _safe(leg) if leg is not None else "*"
     found = sorted(root.glob(f"{seed_glob}/{leg_glob}/{_safe(category)}.npz"))
     if not found:
-        raise ZsadError(f"{results_path}: no saved maps for category '{category}'; re-run with --save-maps SIZE")
+        of = f"category '{category}'" + (f" and seed {seed}" if seed is not None else "")
+        raise ZsadError(f"{results_path}: no saved maps for {of}; re-run with --save-maps SIZE")
     try:
         with np.load(found[0], allow_pickle=False) as z:
             maps = z["maps"].astype(np.float32)

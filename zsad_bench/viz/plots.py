@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -23,12 +24,14 @@ from matplotlib.figure import Figure
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.viz.maps import has_maps, read_maps
-from zsad_bench.viz.runs import Run, flat_config
+from zsad_bench.viz.runs import Run, flat_config, pick_seeds, seed_note
 
 # Okabe & Ito (2008), "Color Universal Design": distinguishable with every common colour-vision deficiency.
 OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 BAR_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "aupro")
+ALL_SEEDS = "all"
+Seed = int | Literal["all"] | None
 
 
 @dataclass
@@ -62,6 +65,18 @@ def _categories(runs: Sequence[Run]) -> list[str]:
 
 def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text)
+
+
+def _titled(title: str, note: str) -> str:
+    return f"{title} ({note})" if note else title
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    """``0.50 ± 0.71``: mean and sample standard deviation (ddof=1, as the tables' seed spreads); the mean alone
+    for one value."""
+    if len(values) < 2:
+        return f"{np.mean(values):.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
 def image_curve(records: Sequence[dict], kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -101,25 +116,36 @@ def pro_curve(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3, steps
     return fpr, pro
 
 
-def curve_figure(runs: Sequence[Run], kind: str) -> FigureOut | None:
-    """Image ROC (``roc``) or PR (``pr``) curves from per-image records: one panel per category, a line per run."""
+def curve_figure(runs: Sequence[Run], kind: str, seed: Seed = None) -> FigureOut | None:
+    """Image ROC (``roc``) or PR (``pr``) curves from per-image records: one panel per category, a line per run
+    from ``seed`` (default: each run's first seed). ``seed="all"``: a thin line per seed in the run's colour, and
+    in each panel's legend the run once with its AUROC (ROC) or AP (PR) as mean ± sample std over seeds."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    every = seed == ALL_SEEDS
+    chosen = pick_seeds(runs, None if every else seed)
     have = [r for r in runs if r.images]
     cats = [c for c in _categories(have) if any(r.images_of(c) for r in have)]
     if not cats:
         return None
     col = colors(runs)
+    score, score_name = (roc_auc_score, "AUROC") if kind == "roc" else (average_precision_score, "AP")
     fig, axes = _grid(len(cats))
     for ax, cat in zip(axes, cats, strict=False):
         for r in have:
-            recs = r.images_of(cat)
-            if not recs or len({x["label"] for x in recs}) < 2:
-                continue
-            x, y = image_curve(recs, kind)
-            c = col[r.label][0]
-            if kind == "roc":
-                ax.plot(x, y, color=c, label=r.label, lw=1.5)
-            else:
-                ax.step(x, y, where="post", color=c, label=r.label, lw=1.5)
+            lines, values = [], []
+            for s in r.seeds if every else [chosen[r]]:
+                recs = r.images_of(cat, s)
+                if not recs or len({x["label"] for x in recs}) < 2:
+                    continue
+                x, y = image_curve(recs, kind)
+                values.append(score([x["label"] for x in recs], [x["score"] for x in recs]))
+                style = {"color": col[r.label][0], "lw": 0.8 if every else 1.5, "label": "_nolegend_"}
+                lines += ax.plot(x, y, **style) if kind == "roc" else ax.step(x, y, where="post", **style)
+            if lines:
+                lines[0].set_label(f"{r.label} ({score_name} {_mean_std(values)})" if every else r.label)
+        if every and ax.get_lines():
+            ax.legend(fontsize=6, loc="lower right")
         ax.set_title(cat, fontsize=9)
         ax.set_xlim(-0.01, 1.01)
         ax.set_ylim(-0.01, 1.01)
@@ -127,23 +153,32 @@ def curve_figure(runs: Sequence[Run], kind: str) -> FigureOut | None:
         ax.set_ylabel("true-positive rate" if kind == "roc" else "precision", fontsize=8)
         if kind == "roc":
             ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
-    axes[0].legend(fontsize=7, loc="lower right")
+    if not every:
+        axes[0].legend(fontsize=7, loc="lower right")
     name = "image_roc" if kind == "roc" else "image_pr"
     title = "Image ROC curves" if kind == "roc" else "Image precision-recall curves"
+    if every:
+        several = any(len(r.seeds) > 1 for r in have)
+        title = _titled(title, "every seed" if several else "")
+        cap = (
+            "One panel per category, a thin line per seed of each run (from the per-image records); the legend "
+            f"gives each run's {score_name} as mean ± sample standard deviation (ddof=1) over its seeds."
+        )
+    else:
+        note = seed_note(have, chosen)
+        title = _titled(title, note)
+        cap = "One panel per category, a line per run (from the per-image records" + (f"; {note})." if note else ").")
     fig.suptitle(title)
     fig.tight_layout()
-    return FigureOut(
-        name,
-        title,
-        "One panel per category, a line per run (from the per-image records; the first seed of multi-seed runs).",
-        fig,
-    )
+    return FigureOut(name, title, cap, fig)
 
 
-def pixel_figure(runs: Sequence[Run], kind: str) -> FigureOut | None:
-    """Pixel ROC (``pixel_roc``) or PRO (``pro``) curves from saved maps (runs without them are left out)."""
+def pixel_figure(runs: Sequence[Run], kind: str, seed: int | None = None) -> FigureOut | None:
+    """Pixel ROC (``pixel_roc``) or PRO (``pro``) curves from the saved maps of ``seed`` (default: each run's
+    first seed); runs without saved maps are left out."""
     from sklearn.metrics import roc_curve
 
+    chosen = pick_seeds(runs, seed)
     have = [r for r in runs if has_maps(r.path)]
     cats = _categories(have)
     if not cats:
@@ -154,7 +189,7 @@ def pixel_figure(runs: Sequence[Run], kind: str) -> FigureOut | None:
         for r in have:
             if cat not in r.categories():
                 continue
-            saved = read_maps(r.path, cat)
+            saved = read_maps(r.path, cat, seed=chosen[r])
             if saved.masks is None or not saved.masks.any():
                 continue
             if kind == "pixel_roc":
@@ -167,10 +202,11 @@ def pixel_figure(runs: Sequence[Run], kind: str) -> FigureOut | None:
         ax.set_ylabel("true-positive rate" if kind == "pixel_roc" else "per-region overlap", fontsize=8)
         ax.set_ylim(-0.01, 1.01)
     axes[0].legend(fontsize=7, loc="lower right")
-    title = "Pixel ROC curves" if kind == "pixel_roc" else "PRO curves (FPR up to 0.3)"
+    note = seed_note(have, chosen)
+    title = _titled("Pixel ROC curves" if kind == "pixel_roc" else "PRO curves (FPR up to 0.3)", note)
     fig.suptitle(title)
     fig.tight_layout()
-    cap = "From saved maps (--save-maps); runs without saved maps are not drawn."
+    cap = "From saved maps (--save-maps" + (f"; {note}" if note else "") + "); runs without them are not drawn."
     return FigureOut(kind, title, cap, fig)
 
 
@@ -244,16 +280,18 @@ def bar_figures(runs: Sequence[Run], metrics: Sequence[str] = BAR_METRICS) -> li
     return out
 
 
-def histogram_figures(runs: Sequence[Run]) -> list[FigureOut]:
-    """Per run: image-score histograms of good vs anomalous images, a panel per category."""
+def histogram_figures(runs: Sequence[Run], seed: int | None = None) -> list[FigureOut]:
+    """Per run: image-score histograms of good vs anomalous images of ``seed`` (default: the run's first seed),
+    a panel per category."""
+    chosen = pick_seeds(runs, seed)
     out = []
     for r in runs:
-        cats = [c for c in r.categories() if r.images_of(c)]
+        cats = [c for c in r.categories() if r.images_of(c, chosen[r])]
         if not cats:
             continue
         fig, axes = _grid(len(cats), 2.8)
         for ax, cat in zip(axes, cats, strict=False):
-            recs = r.images_of(cat)
+            recs = r.images_of(cat, chosen[r])
             scores = np.array([x["score"] for x in recs], dtype=float)
             labels = np.array([x["label"] for x in recs])
             bins = np.histogram_bin_edges(scores, bins=20)
@@ -262,7 +300,7 @@ def histogram_figures(runs: Sequence[Run]) -> list[FigureOut]:
             ax.set_title(cat, fontsize=9)
             ax.set_xlabel("image score", fontsize=8)
         axes[0].legend(fontsize=7)
-        title = f"Score histograms, {r.label}"
+        title = _titled(f"Score histograms, {r.label}", seed_note([r], chosen))
         fig.suptitle(title)
         fig.tight_layout()
         out.append(FigureOut(f"hist_{_safe(r.label)}", title, "Image scores of good vs anomalous test images.", fig))
@@ -402,11 +440,13 @@ def _order(value: object) -> tuple:
     return (0, value, "") if numeric else (1, 0, repr(value))
 
 
-def all_figures(runs: Sequence[Run]) -> list[FigureOut]:
-    """Every figure the runs allow, in report order."""
-    figs: list[FigureOut | None] = [curve_figure(runs, "roc"), curve_figure(runs, "pr")]
-    figs += [pixel_figure(runs, "pixel_roc"), pixel_figure(runs, "pro")]
-    figs += bar_figures(runs) + histogram_figures(runs)
+def all_figures(runs: Sequence[Run], seed: Seed = None) -> list[FigureOut]:
+    """Every figure the runs allow, in report order. Curves, histograms and pixel figures show ``seed`` (default:
+    each run's first); ``seed="all"`` draws every seed in the image ROC and PR curves, the first elsewhere."""
+    one = None if seed == ALL_SEEDS else seed
+    figs: list[FigureOut | None] = [curve_figure(runs, "roc", seed), curve_figure(runs, "pr", seed)]
+    figs += [pixel_figure(runs, "pixel_roc", one), pixel_figure(runs, "pro", one)]
+    figs += bar_figures(runs) + histogram_figures(runs, one)
     figs += [fewshot_figure(runs), *ablation_figures(runs)]
     return [f for f in figs if f is not None]
 

@@ -18,7 +18,7 @@ from zsad_bench import __version__
 from zsad_bench.results import atomic_write_text
 from zsad_bench.viz import plots
 from zsad_bench.viz.maps import has_maps
-from zsad_bench.viz.runs import Run, load_runs
+from zsad_bench.viz.runs import Run, load_runs, pick_seeds, seed_note
 
 TABLE_METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro", "aupro_cflow", "pixel_f1_max")
 
@@ -141,7 +141,8 @@ def provenance(run: Run) -> str:
 
 
 def _overlay_grids(runs: Sequence[Run], n: int) -> list[tuple[str, str, str, bytes]]:
-    """Worst-``n`` overlay grids of every category, from runs with saved maps (nothing is re-predicted here)."""
+    """Worst-``n`` overlay grids of every category, from runs with saved maps (nothing is re-predicted here), of
+    each run's first seed."""
     import tempfile
 
     from zsad_bench.viz.show import show_grid
@@ -157,7 +158,10 @@ def _overlay_grids(runs: Sequence[Run], n: int) -> list[tuple[str, str, str, byt
                 print(f"[zsad-bench] report: no overlay grid for {cat} ({exc})")
                 continue
             title = f"Overlays, {cat} (worst {n})"
-            cap = "Input | ground truth | map | overlay with the F1-optimal threshold contour (cyan), per run."
+            note = seed_note(group, pick_seeds(group))
+            cap = "Input | ground truth | map | overlay with the F1-optimal threshold contour (cyan), per run" + (
+                f"; {note}." if note else "."
+            )
             out.append((f"overlay_{plots._safe(cat)}", title, cap, png.read_bytes()))
     return out
 

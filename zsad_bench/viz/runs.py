@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ class Run:
         """Categories in the order they were evaluated."""
         return list(dict.fromkeys(r["category"] for r in self.records))
 
+    @property
+    def seeds(self) -> list[int]:
+        """Seeds in the order they were evaluated."""
+        return list(dict.fromkeys(int(r["seed"]) for r in self.records))
+
     def images_of(self, category: str, seed: int | None = None, leg: str | None = None) -> list[dict[str, Any]]:
         """Per-image records of ``category`` (first seed and leg evaluated on it unless given)."""
         rows = [r for r in self.images if r["category"] == category]
@@ -63,6 +69,30 @@ class Run:
         ]
         vals = [v for v in vals if math.isfinite(v)]
         return sum(vals) / len(vals) if vals else math.nan
+
+
+def pick_seeds(runs: Sequence[Run], seed: int | None = None) -> dict[Run, int | None]:
+    """The seed each run is drawn with: ``seed``, which every run must have, or else the run's first seed
+    (None for a run without records)."""
+    for r in runs:
+        if seed is not None and seed not in r.seeds:
+            has = ", ".join(map(str, r.seeds)) or "none"
+            raise ZsadError(f"{r.path}: --seed {seed}: this run has no seed {seed}; its seeds are {has}")
+    return {r: seed if seed is not None else next(iter(r.seeds), None) for r in runs}
+
+
+def seed_note(runs: Sequence[Run], chosen: dict[Run, int | None]) -> str:
+    """Which seed is drawn, ``seed 0 of 0, 1, 2`` (per run when the runs differ); empty when no run has several."""
+    if all(len(r.seeds) < 2 for r in runs):
+        return ""
+    notes = {
+        r.label: f"seed {chosen[r]}" + (f" of {', '.join(map(str, r.seeds))}" if len(r.seeds) > 1 else "")
+        for r in runs
+        if chosen[r] is not None
+    }
+    if len(set(notes.values())) == 1:
+        return next(iter(notes.values()))
+    return "; ".join(f"{label}: {note}" for label, note in notes.items())
 
 
 def _num(v: Any) -> float:

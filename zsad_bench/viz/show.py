@@ -19,7 +19,7 @@ import numpy as np
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.viz.maps import SavedMaps, has_maps, read_maps
-from zsad_bench.viz.runs import Run
+from zsad_bench.viz.runs import Run, pick_seeds, seed_note
 
 CONTOUR_RGB = (0, 255, 255)  # cyan: never produced by the 50% inferno blend (inferno has no blue-green)
 MODES = ("worst", "best", "random")
@@ -80,8 +80,8 @@ class CategoryMaps:
         return (self.saved.maps - lo) / (hi - lo if hi > lo else 1.0), lo, hi
 
 
-def _scores_from_records(run: Run, category: str) -> dict[str, float]:
-    return {r["path"]: float(r["score"]) for r in run.images_of(category)}
+def _scores_from_records(run: Run, category: str, seed: int | None) -> dict[str, float]:
+    return {r["path"]: float(r["score"]) for r in run.images_of(category, seed)}
 
 
 def _masks_for(paths: Sequence[str], target: str, size: int) -> np.ndarray:
@@ -97,19 +97,28 @@ def _masks_for(paths: Sequence[str], target: str, size: int) -> np.ndarray:
 
 
 def category_maps(
-    run: Run, category: str, device: str = "cpu", log: Callable[[str], None] | None = None
+    run: Run,
+    category: str,
+    device: str = "cpu",
+    log: Callable[[str], None] | None = None,
+    seed: int | None = None,
 ) -> CategoryMaps:
-    """The maps of ``category`` from saved maps, else re-predicted (zero-shot runs); one-line error otherwise."""
+    """The maps of ``category`` and ``seed`` (default: the first evaluated) from saved maps, else re-predicted
+    (zero-shot runs); one-line error otherwise."""
     recs = [r for r in run.records if r["category"] == category]
     if not recs:
         raise ZsadError(f"{run.path}: no category '{category}'; it has {', '.join(run.categories())}")
-    rec = recs[0]
+    seed = recs[0]["seed"] if seed is None else seed
+    rec = next((r for r in recs if r["seed"] == seed), None)
+    if rec is None:
+        has = ", ".join(map(str, dict.fromkeys(r["seed"] for r in recs)))
+        raise ZsadError(f"{run.path}: no records of '{category}' for seed {seed}; it has seeds {has}")
     if has_maps(run.path):
         saved = read_maps(run.path, category, seed=rec.get("seed"), leg=rec.get("protocol"))
         if saved.masks is None:
             saved.masks = _masks_for(saved.paths, rec["target"], saved.maps.shape[-1])
         by_max = {p: float(m.max()) for p, m in zip(saved.paths, saved.maps, strict=True)}
-        scores = _scores_from_records(run, category) or by_max
+        scores = _scores_from_records(run, category, seed) or by_max
         return CategoryMaps(run, saved, scores, "saved maps")
     if run.learning_type != "zero-shot":
         raise ZsadError(
@@ -117,7 +126,8 @@ def category_maps(
             "maps cannot be rebuilt; re-run it with --save-maps SIZE"
         )
     saved, scores = repredict(run, rec, device, log)
-    return CategoryMaps(run, saved, _scores_from_records(run, category) or scores, "re-predicted from checkpoint")
+    scores = _scores_from_records(run, category, seed) or scores
+    return CategoryMaps(run, saved, scores, "re-predicted from checkpoint")
 
 
 def repredict(
@@ -195,10 +205,12 @@ def show_grid(
     mode: str = "worst",
     device: str = "cpu",
     log: Callable[[str], None] | None = None,
+    seed: int | None = None,
 ) -> tuple[Path, list[str]]:
     """Draw the grid of ``n`` images of ``category`` for ``runs`` to ``out`` (PNG); returns (file, image paths).
 
-    Images are chosen from the first run's image scores; every run must have evaluated them.
+    Maps and scores are those of ``seed`` (every run must have it; default: each run's first seed). Images are
+    chosen from the first run's image scores; every run must have evaluated them.
     """
     import matplotlib
 
@@ -206,7 +218,8 @@ def show_grid(
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
 
-    cms = [category_maps(r, category, device, log) for r in runs]
+    chosen = pick_seeds(runs, seed)
+    cms = [category_maps(r, category, device, log, chosen[r]) for r in runs]
     ref = cms[0]
     labels = {p: int(m.any()) for p, m in zip(ref.saved.paths, ref.saved.masks, strict=True)}
     picked = choose([(p, labels[p], ref.scores[p]) for p in ref.saved.paths], n, mode)
@@ -235,7 +248,9 @@ def show_grid(
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{category}: {mode} {len(picked)} images ({', '.join(sorted({c.origin for c in cms}))})", fontsize=9)
+    how = ", ".join(sorted({c.origin for c in cms}))
+    note = seed_note(runs, chosen)
+    fig.suptitle(f"{category}: {mode} {len(picked)} images ({how}{'; ' + note if note else ''})", fontsize=9)
     mappable = plt.cm.ScalarMappable(norm=Normalize(0, 1), cmap="inferno")
     fig.colorbar(
         mappable, ax=axes, fraction=0.02, pad=0.01, label="anomaly score (each run scaled to its category range)"
