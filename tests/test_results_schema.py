@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,17 @@ def test_null_metric_is_nan_and_valid() -> None:
     data["records"][0]["metrics"]["image_auroc"] = None
     run = RunResult.from_json(data)
     assert run.records[0].metrics["image_auroc"] != run.records[0].metrics["image_auroc"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_results_files_get_the_mode_open_gives(tmp_path: Path, umask: int, mode: int) -> None:
+    path = tmp_path / "r.json"
+    path.write_text("{}")
+    path.chmod(0o600)  # as an earlier version wrote it: replaced, it takes the usual mode
+    old = os.umask(umask)
+    try:
+        RunResult.from_json(_v2()).save(path, overwrite=True)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"r.json": mode, "r.csv": mode}  # and no temp file left behind

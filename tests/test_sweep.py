@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from zsad_bench.cli.run import run_actions
+from zsad_bench.cli.main import main
+from zsad_bench.cli.run import given_options, run_actions
 from zsad_bench.errors import ZsadError
+from zsad_bench.runner import RunSpec
 from zsad_bench.sweep.config import apply_run_config, key_line, load_run_config
 from zsad_bench.sweep.engines import LocalEngine, Task
 from zsad_bench.sweep.plan import load_grid, make_plan, points_of
@@ -167,13 +169,71 @@ def test_run_config_maps_to_run_options_and_flags_override(tmp_path: Path) -> No
 
     parser = argparse.ArgumentParser()
     run_cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["run", "-m", "winclip", "--image-size", "240"])
-    apply_run_config(args, path, run_actions())
+    argv = ["run", "-m", "winclip", "--image-size", "240"]
+    args = parser.parse_args(argv)
+    apply_run_config(args, path, run_actions(), given_options(argv))
     assert (args.method, args.image_size, args.seed, args.quiet) == ("winclip", 240, [1, 2], True)
     with pytest.raises(ZsadError, match=r"run.toml:2: image-size: expected an integer"):
         load_run_config(write(tmp_path, 'method = "spg"\nimage-size = 6.5\n', "run.toml"), run_actions())
     with pytest.raises(ZsadError, match=r"run.toml:2: dvice: unknown option; options: "):
         load_run_config(write(tmp_path, 'method = "spg"\ndvice = "cpu"\n', "run.toml"), run_actions())
+
+
+class _Resolved(Exception):
+    """Raised by the stand-in ``run_experiment``: the RunSpec that ``zsad-bench run`` resolved."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+
+def _resolve(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, toml: str, *flags: str) -> RunSpec:
+    """The RunSpec of ``zsad-bench run --config FILE FLAGS`` through the real parse path (nothing is run)."""
+    import zsad_bench.runner
+
+    def stop(spec: RunSpec) -> None:
+        raise _Resolved(spec)
+
+    monkeypatch.setattr(zsad_bench.runner, "run_experiment", stop)
+    with pytest.raises(_Resolved) as resolved:
+        main(["run", "--config", str(write(tmp_path, 'method = "spg"\n' + toml, "run.toml")), *flags])
+    return resolved.value.spec
+
+
+@pytest.mark.parametrize(
+    ("toml", "flags", "field", "expected"),
+    [
+        ("seed = [3]\n", ["--seed", "0"], "seeds", [0]),
+        ("seed = [3]\n", ["--seed", "111"], "seeds", [111]),  # the default, given: still wins
+        ("seed = [3]\n", [], "seeds", [3]),
+        ('device = "cpu"\n', [], "device", "cpu"),
+        ('device = "cpu"\n', ["--device", "auto"], "device", "auto"),
+        ('preset = "matched"\n', ["--preset", "paper"], "preset", "paper"),
+        ("batch-size = 2\n", ["--batch-size", "8"], "batch_size", 8),
+        ('aux-split = "train"\n', ["--aux-split", "test", "--debug"], "aux_split", "test"),
+        ("quiet = true\n", [], "progress", False),
+        ("set.sigma = 2\n", ["--set", "agg_tau=0.5"], "method_config", {"sigma": "2", "agg_tau": "0.5"}),
+        ("set.sigma = 2\n", ["--set", "sigma=3"], "method_config", {"sigma": "3"}),
+        (
+            'set = ["sigma=2", "agg-tau=0.1"]\n',
+            ["--set", "agg-tau=0.5"],
+            "method_config",
+            {"sigma": "2", "agg_tau": "0.5"},
+        ),
+        ('set.aggregation = "max"\n', ["--aggregation", "lse"], "method_config", {"aggregation": "lse"}),
+        (
+            "set.agg_tau = 0.1\n",
+            ["--tau", "0.5", "--set", "sigma=3"],
+            "method_config",
+            {"agg_tau": "0.5", "sigma": "3"},
+        ),
+        ('set.aggregation = "max"\n', [], "method_config", {"aggregation": "max"}),
+    ],
+)
+def test_run_config_loses_to_every_option_given_on_the_command_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, toml: str, flags: list[str], field: str, expected: object
+) -> None:
+    assert getattr(_resolve(monkeypatch, tmp_path, toml, *flags), field) == expected
 
 
 def test_dry_run_lists_states(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -201,3 +204,29 @@ def test_bench_documents_render_like_files() -> None:
     assert rows[1] == ["spg", "b", "float32", "1", "method", "cpu", "2.0", "1.0", "2.0", "3.0", ""]
     with pytest.raises(ZsadError, match="benchmark document 0: benchmark row 0 lacks p95_ms"):
         render_bench([{"rows": [{k: v for k, v in row.items() if k != "p95_ms"}]}])
+
+
+def test_reader_closing_the_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    """``zsad-bench table ... | head``: no traceback, nothing on stderr, the shell's SIGPIPE status."""
+    path = write_run(
+        tmp_path / "wide.json", "Wide", "b", {111: {f"category{i:04d}": 0.5 for i in range(4000)}}, "synthetic"
+    )  # a table of ~110 KB, more than a pipe holds (64 KiB): the command is still writing when the reader goes
+    # Unbuffered (PYTHONUNBUFFERED), the one big print is one write() the pipe takes in part, without an error.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    cmd = [sys.executable, "-m", "zsad_bench.cli.main", "table", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert os.read(proc.stdout.fileno(), 10) == b"**MVTec AD"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert (proc.returncode, err.decode()) == (141, "")
+
+
+def test_broken_pipe_that_is_not_stdout_stays_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zsad_bench.cli.main import main
+
+    def fail(args: argparse.Namespace) -> int:
+        raise BrokenPipeError("a worker's pipe")
+
+    monkeypatch.setattr(table_cli, "run", fail)
+    with pytest.raises(BrokenPipeError, match="a worker's pipe"):
+        main(["table", "results.json"])

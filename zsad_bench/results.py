@@ -25,7 +25,7 @@ import csv
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -214,10 +214,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Atomic write of ``data``; ``durable`` also fsyncs (skipped for cache entries, which are checksummed)."""
+    """Atomic write of ``data``; ``durable`` also fsyncs (skipped for cache entries, which are checksummed).
+
+    The file gets the mode of a new file from ``open(path, "w")``, ``0o666 & ~umask``, also when it
+    replaces one (a file written 0600 by an earlier version becomes readable on its next write).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not tempfile.mkstemp, whose 0600 would become the file's mode: created with 0o666, the temp file gets
+    # the umask from the kernel, as open() does, so the umask is never read (reading it means setting it,
+    # process-wide, under other threads' feet). O_EXCL never takes over an existing file.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -226,7 +234,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -3,12 +3,17 @@
 Core commands live in :data:`COMMAND_MODULES`; a method package adds its own commands (SPG's
 ``atoms``) through the entry-point group ``zsad_bench.commands``, whose value is a module defining
 ``add_parser(subparsers)`` like the core ones.
+
+When the reader of standard output goes away (``zsad-bench table ... | head``), the command stops
+quietly with exit status 141, what a shell reports for a command ended by SIGPIPE (``yes | head``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 import traceback
 from collections.abc import Sequence
@@ -33,6 +38,7 @@ COMMAND_MODULES = (
     "zsad_bench.cli.report",
 )
 COMMAND_GROUP = "zsad_bench.commands"
+SIGPIPE_STATUS = 128 + 13  # 141: a shell's status for a command ended by SIGPIPE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,13 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: ``sys.argv[1:]``); the exit status.
+
+    ``args.argv`` keeps the command line as parsed (without ``--debug``), for a command that needs to
+    know which options were given (``run --config``).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside the try, not in the flush at exit
+        return status
+    except BrokenPipeError:
+        if not _stdout_gone():  # another pipe (a worker's, a connection's): a real error
+            raise
+        # As https://docs.python.org/3/library/signal.html#note-on-sigpipe does: the reader is gone, so
+        # point stdout at devnull (the interpreter's final flush would fail again) and stop without a word.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_STATUS
     except ZsadError as exc:
         if debug:
             traceback.print_exception(exc.__cause__ or exc, file=sys.stderr)
@@ -76,6 +97,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zsad-bench: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_gone() -> bool:
+    """Whether standard output is a pipe whose reader has gone (poll reports an error on its write end).
+
+    False where that cannot be told (no ``select.poll``, a stdout without a file descriptor).
+    """
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

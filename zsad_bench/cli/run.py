@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE.toml",
         help="run options from a TOML file (keys: these options' names, e.g. method, backbone, set.sigma); "
-        "options given on the command line override it",
+        "an option given on the command line wins whatever its value, --set/--aggregation/--tau per method option",
     )
     p.set_defaults(func=_run)
+
+
+def _standalone() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``(top, run)``: a fresh top-level parser holding only the ``run`` command, and that command's parser."""
+    parser = argparse.ArgumentParser(add_help=False)
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    return parser, sub.choices["run"]
 
 
 def run_actions() -> dict[str, argparse.Action]:
@@ -69,11 +78,20 @@ def run_actions() -> dict[str, argparse.Action]:
 
     ``--aggregation`` / ``--tau`` are aliases of ``--set`` (dest "set"): a config file writes ``set.aggregation``.
     """
-    parser = argparse.ArgumentParser(add_help=False)
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    actions = sub.choices["run"]._actions
+    actions = _standalone()[1]._actions
     return {a.dest: a for a in actions if a.dest not in ("help", "config", "func") and not isinstance(a, SetAlias)}
+
+
+def given_options(argv: Sequence[str]) -> set[str]:
+    """Dests of the options given in ``argv`` (``["run", ...]``, as ``main`` parsed it), whatever their value.
+
+    Re-parses with every default suppressed, so only the options on the command line reach the namespace;
+    ``--aggregation`` / ``--tau`` count as ``set``.
+    """
+    parser, run = _standalone()
+    for action in run._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func"}
 
 
 def spec_from_args(args: argparse.Namespace):
@@ -119,7 +137,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.config:
         from zsad_bench.sweep.config import apply_run_config
 
-        apply_run_config(args, args.config, run_actions())
+        apply_run_config(args, args.config, run_actions(), given_options(args.argv))
     elif not args.method:
         raise ZsadError("--method is required (or method = ... in a --config file); see zsad-bench list methods")
     result, path = run_experiment(spec_from_args(args))

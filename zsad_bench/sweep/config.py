@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +172,18 @@ def load_run_config(path: Path, actions: dict[str, argparse.Action]) -> dict[str
     return out
 
 
-def apply_run_config(args: argparse.Namespace, path: Path, actions: dict[str, argparse.Action]) -> None:
-    """Fill ``args`` from a run config: a value applies where the command line left the option at its default."""
+def apply_run_config(
+    args: argparse.Namespace, path: Path, actions: dict[str, argparse.Action], given: Collection[str]
+) -> None:
+    """Fill ``args`` from a run config: every option not in ``given`` (the dests on the command line) from the file.
+
+    Method options merge per key: the file's ``set`` entries first, then the command line's, and
+    :func:`~zsad_bench.cli.common.parse_set` keeps the last of a repeated key, so the command line wins.
+    """
     for dest, value in load_run_config(path, actions).items():
-        if getattr(args, dest, None) == actions[dest].default:
+        if dest == "set":
+            args.set = [*value, *(args.set or [])]
+        elif dest not in given:
             setattr(args, dest, value)
     if not getattr(args, "method", None):
         raise ZsadError(f'{path}: no method; set method = "..." in the file or pass --method')

@@ -10,7 +10,6 @@ import datetime as _dt
 import html
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -215,9 +214,6 @@ Values are percentages; bold is the best of its row or column.</p>{note}
 """
     out = Path(out)
     atomic_write_text(out, doc)
-    umask = os.umask(0)
-    os.umask(umask)
-    out.chmod(0o666 & ~umask)  # a report is for sharing: the usual file mode, not the temp file's 0600
     if log:
         log(f"report: {out} ({len(doc) / 1e6:.1f} MB, {len(items)} figures, {len(runs)} runs)")
     return out, [name for name, *_ in items]
