@@ -111,3 +111,21 @@ def test_results_files_get_the_mode_open_gives(tmp_path: Path, umask: int, mode:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"r.json": mode, "r.csv": mode}  # and no temp file left behind
+
+
+def test_generated_data_folder_in_the_cache_gets_the_mode_mkdir_gives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded data is generated in a temp folder renamed into the cache: not mkdtemp's 0700, which a
+    shared cache's other users could not enter."""
+    import zsad_bench.adapters.synthetic as synthetic
+
+    monkeypatch.setenv("ZSAD_BENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(synthetic, "generate_synthetic", lambda out, seed: (out / "textures").mkdir())
+    old = os.umask(0o022)
+    try:
+        final = synthetic.cached_synthetic(seed=7)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755 and (final / "textures").is_dir()
+    assert [p.name for p in final.parent.iterdir()] == [final.name]  # no temp folder left behind

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 from zsad_bench.errors import ZsadError
+
+
+def fresh_folder(parent: Path, prefix: str) -> Path:
+    """A new, empty folder ``parent/<prefix><random>`` with the mode ``mkdir`` gives (``0o777 & ~umask``).
+
+    Not ``tempfile.mkdtemp``, whose 0700 stays with a folder renamed into a shared cache: other users of
+    the cache could not read it.
+    """
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def usable_folder(path: Path, what: str) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm import tqdm
 from zsad_bench.adapters._layout import scan_category
 from zsad_bench.data import Dataset, register_dataset
 from zsad_bench.errors import DataError
-from zsad_bench.paths import cache_dir
+from zsad_bench.paths import cache_dir, fresh_folder
 
 VERSION = "v1"
 SIZE = 160
@@ -442,7 +441,7 @@ def generate_synthetic(out: Path, seed: int = 0, progress: bool = False) -> dict
         raise DataError(f"{existing[0]}: already exists; remove it or choose another output folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=out))
+        tmp = fresh_folder(out, ".synthetic-")
     except OSError as exc:
         raise DataError(f"{out}: cannot create the output folder ({exc}); choose a writable folder") from None
     try:
@@ -469,7 +468,7 @@ def cached_synthetic(seed: int = 0) -> Path:
         return final
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        tmp = fresh_folder(final.parent, f".{final.name}-")
         try:
             generate_synthetic(tmp, seed)
             os.replace(tmp, final)
