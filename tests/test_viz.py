@@ -635,3 +635,17 @@ def test_report_captions_name_the_seed_of_multi_seed_runs(tmp_path: Path) -> Non
     assert set(captions) == set(names) and "overlay_cat_a" in names
     for name in ("image_roc", "image_pr", "pixel_roc", "pro", "hist_MethodA", "overlay_cat_a", "overlay_cat_b"):
         assert "seed 0 of 0, 1" in captions[name], name
+
+
+def test_report_seed_option_draws_that_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_two_seed_run(tmp_path)
+    out = tmp_path / "r1.html"
+    assert _main(["report", str(path), "-o", str(out), "--overlays", "2", "--seed", "1"]) == 0
+    captions = dict(re.findall(r'<figure id="fig-([^"]+)".*?<figcaption>(.*?)</figcaption>', out.read_text()))
+    for name in ("image_roc", "hist_MethodA", "overlay_cat_a"):
+        assert "seed 1 of 0, 1" in captions[name], name
+    assert _main(["report", str(path), "-o", str(tmp_path / "r5.html"), "--seed", "5"]) == 2
+    assert capsys.readouterr().err == (
+        f"zsad-bench: error: {path}: --seed 5: this run has no seed 5; its seeds are 0, 1\n"
+    )
+    assert not (tmp_path / "r5.html").exists()

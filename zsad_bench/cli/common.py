@@ -120,3 +120,15 @@ def add_run_arguments(p: argparse.ArgumentParser, method_required: bool = True) 
         action="store_true",
         help="deterministic CUDA algorithms (bitwise repeatable GPU runs, slower; recorded)",
     )
+
+
+def seed_or_all(text: str) -> int | str:
+    """argparse type of ``plot`` / ``report`` ``--seed``: a seed (an integer) or ``all``."""
+    from zsad_bench.viz.plots import ALL_SEEDS
+
+    if text == ALL_SEEDS:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a seed (an integer) nor '{ALL_SEEDS}'") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zsad_bench.cli.common import seed_or_all
 from zsad_bench.viz import NEEDS_MAPS
 
 
@@ -26,23 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", nargs="+", choices=("png", "pdf", "svg"), default=["png", "pdf"], help="file formats")
     p.add_argument(
         "--seed",
-        type=_seed,
+        type=seed_or_all,
         metavar="N|all",
         help="seed of the curves and histograms (every results file must have it; default: each run's first); "
         "'all': every seed as a thin line in the image ROC and PR curves (the first seed elsewhere)",
     )
     p.set_defaults(func=_plot)
-
-
-def _seed(text: str) -> int | str:
-    from zsad_bench.viz.plots import ALL_SEEDS
-
-    if text == ALL_SEEDS:
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is neither a seed (an integer) nor '{ALL_SEEDS}'") from None
 
 
 def _plot(args: argparse.Namespace) -> int:

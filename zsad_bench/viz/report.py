@@ -139,9 +139,9 @@ def provenance(run: Run) -> str:
     )
 
 
-def _overlay_grids(runs: Sequence[Run], n: int) -> list[tuple[str, str, str, bytes]]:
+def _overlay_grids(runs: Sequence[Run], n: int, seed: int | None = None) -> list[tuple[str, str, str, bytes]]:
     """Worst-``n`` overlay grids of every category, from runs with saved maps (nothing is re-predicted here), of
-    each run's first seed."""
+    ``seed`` (default: each run's first)."""
     import tempfile
 
     from zsad_bench.viz.show import show_grid
@@ -152,12 +152,12 @@ def _overlay_grids(runs: Sequence[Run], n: int) -> list[tuple[str, str, str, byt
         for cat in plots._categories(saved):
             group = [r for r in saved if cat in r.categories()]
             try:
-                png, _ = show_grid(group, cat, Path(tmp) / "grid.png", n=n, mode="worst")
+                png, _ = show_grid(group, cat, Path(tmp) / "grid.png", n=n, mode="worst", seed=seed)
             except Exception as exc:  # one undrawable category must not lose the report
                 print(f"[zsad-bench] report: no overlay grid for {cat} ({exc})")
                 continue
             title = f"Overlays, {cat} (worst {n})"
-            note = seed_note(group, pick_seeds(group))
+            note = seed_note(group, pick_seeds(group, seed))
             cap = "Input | ground truth | map | overlay with the F1-optimal threshold contour (cyan), per run" + (
                 f"; {note}." if note else "."
             )
@@ -170,14 +170,19 @@ def build_report(
     out: Path,
     overlays: int = 4,
     log: Callable[[str], None] | None = None,
+    seed: plots.Seed = None,
 ) -> tuple[Path, list[str]]:
-    """Write the HTML report of the results files/directories ``paths`` to ``out``; returns (file, figure names)."""
+    """Write the HTML report of the results files/directories ``paths`` to ``out``; returns (file, figure names).
+
+    ``seed`` as in :func:`zsad_bench.viz.plots.all_figures`; the overlays show that seed (the first with "all").
+    """
     runs = load_runs(list(paths))
-    figs = plots.all_figures(runs)
+    one = None if seed == plots.ALL_SEEDS else seed
+    figs = plots.all_figures(runs, seed)
     items = [(f.name, f.title, f.caption, plots.png_bytes(f)) for f in figs]
     plots.close(figs)
     if overlays:
-        items += _overlay_grids(runs, overlays)
+        items += _overlay_grids(runs, overlays, one)
     nav = "".join(f'<li><a href="#fig-{_e(name)}">{_e(title)}</a></li>' for name, title, _, _ in items)
     figures = "\n".join(
         f'<figure id="fig-{_e(name)}" data-name="{_e(name)}"><img alt="{_e(title)}" '
