@@ -125,9 +125,7 @@ def test_output_under_a_file_is_refused_before_any_work(
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert (
-        err[0].startswith("zsad-bench: error: argument --out") and f"{out}: {tmp_path / 'afile'} is a file" in err[0]
-    )
+    assert err[0].startswith("zsad-bench: error: argument --out") and f"{out}: {tmp_path / 'afile'} is a file" in err[0]
     assert "choose another path" in err[0]
 
 
