@@ -162,6 +162,17 @@ def test_bad_numbers_and_devices_are_usage_errors(capsys, argv: list[str], optio
     assert len(err) == 1 and err[0].startswith(f"zsad-bench: error: argument {option}"), err
 
 
+def test_resume_without_out_is_refused(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, it started a new run under results/runs/ (a fresh id never exists), so nothing was resumed."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", *CHEAP, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == "zsad-bench: error: --resume needs --out FILE.json, the results file of the interrupted run to continue"
+    )
+    assert not (tmp_path / "results").exists()
+
+
 def test_foreign_lock_file_is_refused_and_kept(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     marker = locks.lock_path(out)
