@@ -203,6 +203,8 @@ def results_files(paths: Sequence[Path | str]) -> list[Path]:
             files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # reading a FIFO would block, a device would never end
+            raise ZsadError(f"{p}: not a regular file (a FIFO, socket or device); pass a results JSON file")
         else:
             raise ZsadError(f"{p}: no such results file or directory")
     return files
