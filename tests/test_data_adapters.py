@@ -194,3 +194,6 @@ def test_meta_json_matches_folder_adapter(tmp_path: Path) -> None:
         ds = open_dataset(spec)
         assert ds.samples == reference.samples
         assert ds.kind == "meta"
+    # a meta.json saved with a byte-order mark (Windows editors) reads the same
+    (root / "meta.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(sections).encode())
+    assert open_dataset(f"meta:{root}").samples == reference.samples

@@ -114,6 +114,16 @@ def test_visa_csv_problems(tmp_path: Path) -> None:
     _raises(f"visa:{tmp_path}", f"{csv_path}: header must be object,split,label,image,mask")
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_visa_csv_saved_by_a_spreadsheet_reads_the_same(tmp_path: Path, newline: str) -> None:
+    """Excel's "CSV UTF-8" starts with a byte-order mark; it was refused as a wrong header that looked right."""
+    _visa(tmp_path, [GOOD_ROW, BAD_ROW])
+    csv_path = tmp_path / "split_csv" / "1cls.csv"
+    plain = open_dataset(f"visa:{tmp_path}").samples
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_text().replace("\n", newline).encode())
+    assert open_dataset(f"visa:{tmp_path}").samples == plain
+
+
 def test_meta_json_problems(tmp_path: Path) -> None:
     _category(tmp_path)
     meta = tmp_path / "meta.json"

@@ -101,6 +101,17 @@ def test_second_run_hits_cache_and_matches_reference(backbone, samples, ref, tmp
     assert not list((tmp_path / "c").rglob(".tmp-*")), "temporary files left behind"
 
 
+def test_unwritable_cache_is_one_line_naming_it(backbone, samples, tmp_path: Path) -> None:
+    """ZSAD_BENCH_CACHE on a read-only or missing mount was a mkdir traceback at the first feature write."""
+    (tmp_path / "afile").write_text("x")
+    root = tmp_path / "afile" / "features"
+    with pytest.raises(ZsadError) as info:
+        extract_features(backbone, samples, cache=FeatureCache(root, "float16"), progress=False)
+    message = str(info.value)
+    assert message.startswith(f"{root}: cannot write the feature cache (") and "\n" not in message
+    assert message.endswith("; point ZSAD_BENCH_CACHE at a writable folder")
+
+
 def test_float16_entries_are_rounded_reference(backbone, samples, ref, tmp_path: Path) -> None:
     store = extract_features(backbone, samples[:2], cache=FeatureCache(tmp_path / "c", "float16"), progress=False)
     grids = ref[0][:2]

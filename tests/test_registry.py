@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TOY_PLUGIN_DIR
+from zsad_bench.cli.main import main
 from zsad_bench.detector import (
     Batch,
     Detector,
@@ -94,6 +95,17 @@ def test_shipped_plugins_register_through_entry_points() -> None:
     names = {ep.name for ep in entry_points(group="zsad_bench.methods")}
     assert {"spg", "anomalydino", "toy-zeroshot"} <= names
     assert get_method_class("spg").__module__ == "zsad_bench.methods.spg"
+
+
+@pytest.mark.parametrize("what", ["backbones", "datasets"])
+def test_list_learning_type_of_non_methods_is_refused(capsys: pytest.CaptureFixture, what: str) -> None:
+    """It was silently ignored: the full, unfiltered list looked like the filtered one."""
+    assert main(["list", what, "--learning-type", "zero-shot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "zsad-bench: error: --learning-type applies to 'list methods'; "
+        "use zsad-bench list methods --learning-type zero-shot"
+    )
 
 
 def test_cli_lists_entry_point_plugin_in_a_fresh_process() -> None:

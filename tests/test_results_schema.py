@@ -82,6 +82,10 @@ def test_v1_file_reads_string_keys_as_fit_records() -> None:
         (lambda d: d.update(records={}), r"'records' is not a list"),
         (lambda d: d["images"][0].update(score=None, label="1"), r"images\[0\].label = '1' is not an integer"),
         (lambda d: d.update(complete="yes"), r"complete = 'yes' is not true/false"),
+        (
+            lambda d: d["images"][0].update(label=2),
+            r"images\[0\].label = 2 is not 0 \(good\) or 1 \(anomalous\); re-run",
+        ),
     ],
 )
 def test_hand_edited_files_fail_with_one_line(edit, message: str) -> None:

@@ -101,6 +101,78 @@ def test_unwritable_out_is_one_line(tmp_path: Path, capsys, make: str) -> None:
     assert len(err) == 1 and expect in err[0]
 
 
+OUTPUT_OPTIONS = [
+    ("table", ["table", "r.json", "--out"], "x.md"),
+    ("show", ["show", "r.json", "-c", "cap", "--out"], "x.png"),
+    ("plot", ["plot", "r.json", "--out"], "figs"),
+    ("report", ["report", "r.json", "--out"], "r.html"),
+    ("bench", ["bench", "-m", "toy-zeroshot", "--out"], "b.json"),
+    ("sweep", ["sweep", "grid.toml", "--out-dir"], "sweep"),
+    ("ablate", ["ablate", "tau", "--out-dir"], "ablation"),
+    ("atoms", ["atoms", "r.json", "--out"], "a.png"),
+]
+
+
+@pytest.mark.parametrize(("command", "argv", "name"), OUTPUT_OPTIONS, ids=[c for c, _, _ in OUTPUT_OPTIONS])
+def test_output_under_a_file_is_refused_before_any_work(
+    tmp_path: Path, capsys, command: str, argv: list[str], name: str
+) -> None:
+    """An --out/--out-dir below an existing file: one usage line naming the file, not a mkdir traceback."""
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / name
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("zsad-bench: error: argument --out") and f"{out}: {tmp_path / 'afile'} is a file" in err[0]
+    assert "choose another path" in err[0]
+
+
+@pytest.mark.parametrize(("argv", "name"), [(["table", "r.json", "--out"], "t"), (["bench", "-m", "x", "-o"], "b")])
+def test_output_file_that_is_a_folder_is_refused(tmp_path: Path, capsys, argv: list[str], name: str) -> None:
+    folder = tmp_path / name
+    folder.mkdir()
+    with pytest.raises(SystemExit):
+        main([*argv, str(folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder}: {folder} is a folder; give a file name" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["bench", "-m", "x", "--batch-sizes", "0"], "--batch-sizes"),
+        (["bench", "-m", "x", "--iters", "0"], "--iters"),
+        (["bench", "-m", "x", "--warmup", "-1"], "--warmup"),
+        (["bench", "-m", "x", "--extraction-images", "-1"], "--extraction-images"),
+        (["bench", "-m", "x", "--device", "gpu"], "--device"),
+        (["report", "r.json", "--overlays", "-1"], "--overlays"),
+        (["sweep", "grid.toml", "--threads", "0"], "--threads"),
+        (["sweep", "grid.toml", "--devices", "cuda:0,bogus"], "--devices"),
+    ],
+)
+def test_bad_numbers_and_devices_are_usage_errors(capsys, argv: list[str], option: str) -> None:
+    """Before: bench --batch-sizes 0 / --iters 0 were tracebacks, report --overlays -1, sweep --threads 0
+    were silently replaced, a bad --devices entry failed every point with a torch RuntimeError."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"zsad-bench: error: argument {option}"), err
+
+
+def test_resume_without_out_is_refused(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before, it started a new run under results/runs/ (a fresh id never exists), so nothing was resumed."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", *CHEAP, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err == "zsad-bench: error: --resume needs --out FILE.json, the results file of the interrupted run to continue"
+    )
+    assert not (tmp_path / "results").exists()
+
+
 def test_foreign_lock_file_is_refused_and_kept(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     marker = locks.lock_path(out)

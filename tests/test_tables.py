@@ -174,6 +174,15 @@ def test_bad_files_raise_one_line_errors(tmp_path: Path, content: str, message: 
         load_results([tmp_path / "missing.json"])
 
 
+def test_fifo_as_results_file_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """A FIFO exists: "no such results file" sent the user looking for a missing file."""
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ZsadError) as info:
+        load_results([fifo])
+    assert str(info.value) == f"{fifo}: not a regular file (a FIFO, socket or device); pass a results JSON file"
+
+
 def test_duplicate_runs_are_refused(tmp_path: Path) -> None:
     write_run(tmp_path / "a.json", "SPG", "dinov3", {0: {"bottle": 0.9}}, "visa-to-mvtec")
     write_run(tmp_path / "b.json", "SPG", "dinov3", {0: {"bottle": 0.8}}, "visa-to-mvtec")

@@ -255,7 +255,7 @@ def test_v2_files_load(tmp_path: Path) -> None:
     assert load_results([path])["value"].tolist() == [0.9]
     data["images"][0]["label"] = 3
     path.write_text(json.dumps(data))
-    with pytest.raises(ZsadError, match=rf"{re.escape(str(path))}: per-image record 0 needs label 0/1"):
+    with pytest.raises(ZsadError, match=rf"{re.escape(str(path))}: images\[0\].label = 3 is not 0 \(good\) or 1"):
         load_results([path])
 
 

@@ -395,6 +395,21 @@ def test_cli_plot_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert not math.isnan(load_runs([path])[0].metric("cat_a", "image_auroc"))
 
 
+@pytest.mark.parametrize("command", ["plot", "report"])
+def test_null_image_score_is_one_line_naming_the_record(
+    tmp_path: Path, capsys: pytest.CaptureFixture, command: str
+) -> None:
+    """A NaN image score (stored as null) was a TypeError traceback in every image curve."""
+    path = write_run(tmp_path, "a", save_maps=False)
+    data = json.loads(path.read_text())
+    data["images"][3]["score"] = None
+    path.write_text(json.dumps(data))
+    out = tmp_path / ("figs" if command == "plot" else "r.html")
+    assert _main([command, str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"zsad-bench: error: {path}: images[3] has no finite score (null); re-run or remove the file"
+
+
 # ------------------------------------------------------------------------------------------ re-predicted maps
 
 

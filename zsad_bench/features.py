@@ -190,8 +190,14 @@ class FeatureCache:
         folder = self.root / f"{backbone.name}-{digest}"
         meta_path = folder / "meta.json"
         if not meta_path.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode(), durable=False)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(meta_path, json.dumps(meta, indent=1).encode(), durable=False)
+            except OSError as exc:  # a read-only or missing mount: the first write of a run lands here
+                raise ZsadError(
+                    f"{self.root}: cannot write the feature cache ({exc.strerror}); "
+                    "point ZSAD_BENCH_CACHE at a writable folder"
+                ) from None
         return folder
 
     @staticmethod

@@ -39,6 +39,24 @@ def usable_folder(path: Path, what: str) -> Path:
     return path
 
 
+def output_problem(path: Path, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be written as an output file (or, with ``folder``, created as a folder); None if it can.
+
+    Checked before any work, so a bad ``--out`` is one line instead of a traceback at the end of the run:
+    a folder where a file is wanted, an existing file on the way, or a parent without write permission.
+    """
+    if not folder and path.is_dir():
+        return f"{path} is a folder; give a file name"
+    part = path if folder else path.parent
+    while not part.exists() and part != part.parent:
+        part = part.parent
+    if not part.is_dir():
+        return f"{part} is a file, not a folder; choose another path"
+    if not os.access(part, os.W_OK | os.X_OK):
+        return f"{part} is not writable; choose another path"
+    return None
+
+
 def cache_dir() -> Path:
     """Root of the feature cache and of reusable fitted artifacts (created on demand)."""
     env = os.environ.get("ZSAD_BENCH_CACHE")

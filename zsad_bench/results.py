@@ -203,6 +203,8 @@ def results_files(paths: Sequence[Path | str]) -> list[Path]:
             files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # reading a FIFO would block, a device would never end
+            raise ZsadError(f"{p}: not a regular file (a FIFO, socket or device); pass a results JSON file")
         else:
             raise ZsadError(f"{p}: no such results file or directory")
     return files
@@ -322,6 +324,8 @@ def validate(data: Any, source: Path | str = "<memory>") -> dict[str, Any]:
     for i, img in enumerate(data.get("images", [])):
         if not _number(img.get("score")):
             raise ZsadError(f"{source}: images[{i}].score = {img.get('score')!r} is not a number; re-run")
+        if img["label"] not in (0, 1):
+            raise ZsadError(f"{source}: images[{i}].label = {img['label']!r} is not 0 (good) or 1 (anomalous); re-run")
     if not isinstance(data.get("complete", False), bool):
         raise ZsadError(f"{source}: complete = {data['complete']!r} is not true/false; re-run or restore the file")
     return data

@@ -45,7 +45,7 @@ def load_meta(root: Path) -> Dataset:
     if not json_path.is_file():
         raise DataError(f"{root}: no meta.json found (looked for {json_path}); pass the dataset root or the json")
     try:
-        info = json.loads(json_path.read_text(encoding="utf-8"))
+        info = json.loads(json_path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{json_path}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate it") from None
     except (OSError, UnicodeDecodeError) as exc:

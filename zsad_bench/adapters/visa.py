@@ -43,7 +43,7 @@ LABELS = {"normal": NORMAL, "anomaly": ANOMALOUS}
 def _load_csv(root: Path) -> Dataset:
     csv_path = root / SPLIT_CSV
     try:
-        with csv_path.open(newline="", encoding="utf-8") as f:
+        with csv_path.open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{csv_path}: cannot read the VisA split file ({exc}); re-copy it") from None

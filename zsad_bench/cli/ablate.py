@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from zsad_bench.cli.common import add_run_arguments
+from zsad_bench.cli.common import add_run_arguments, output_folder
 from zsad_bench.errors import ZsadError
 from zsad_bench.sweep import add_engine_arguments
 
@@ -45,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for name, text in specs:
         p = kinds.add_parser(name, help=text, description=text)
         add_run_arguments(p, method_required=False)
-        p.add_argument("--out-dir", type=Path, help="folder of the point files (default: results/ablations/<id>)")
+        p.add_argument(
+            "--out-dir", type=output_folder, help="folder of the point files (default: results/ablations/<id>)"
+        )
         p.add_argument("--resume", action="store_true", help="continue in an --out-dir holding earlier points")
         p.add_argument("--dry-run", action="store_true", help="list the points and whether each is done or to run")
         if name == "sae-grid":

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from zsad_bench.cli.common import parse_set
+from zsad_bench.cli.common import device_name, non_negative_int, output_file, parse_set, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,12 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", "-m", required=True)
     p.add_argument("--backbone", "-b")
     p.add_argument("--weights")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--image-size", type=positive_int)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8, 32])
     p.add_argument("--dtype", nargs="+", default=["fp32"], help="fp32, bf16 (bf16 weights), fp16 (autocast)")
     p.add_argument(
         "--extraction-images",
-        type=int,
+        type=non_negative_int,
         default=32,
         help="images decoded and extracted per extraction row (0: no extraction rows; default 32)",
     )
@@ -35,12 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="SPG: time one SAE and one guide step on synthetic tokens at the paper's sizes or small ones",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", type=device_name, default="auto")
+    p.add_argument("--warmup", type=non_negative_int, default=3)
+    p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--run", type=Path, help="results JSON of a finished run whose fitted checkpoint to time")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a method option")
-    p.add_argument("--out", "-o", type=Path, help="bench results JSON (default: results/bench/<id>.json)")
+    p.add_argument("--out", "-o", type=output_file, help="bench results JSON (default: results/bench/<id>.json)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=_bench)
 

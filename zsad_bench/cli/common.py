@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench.errors import ZsadError
+from zsad_bench.paths import output_problem
 from zsad_bench.presets import PRESETS
 from zsad_bench.protocols import NAMED
 
@@ -55,6 +56,29 @@ def device_name(value: str) -> str:
     if not DEVICE.fullmatch(value):
         raise argparse.ArgumentTypeError(f"{value}: unknown device; use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps")
     return value
+
+
+def device_list(value: str) -> str:
+    """argparse type: comma-separated devices, each as :func:`device_name` accepts (``cuda:0,cuda:1``)."""
+    for item in value.split(","):
+        device_name(item.strip())
+    return value
+
+
+def output_file(value: str) -> Path:
+    """argparse type: a path an output file can be written to (not a folder, no file on the way)."""
+    problem = output_problem(Path(value))
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value}: {problem}")
+    return Path(value)
+
+
+def output_folder(value: str) -> Path:
+    """argparse type: a path that is, or can become, a writable output folder."""
+    problem = output_problem(Path(value), folder=True)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value}: {problem}")
+    return Path(value)
 
 
 def _int(value: str) -> int:

@@ -73,6 +73,11 @@ def method_details(name: str) -> str:
 def _list(args: argparse.Namespace) -> int:
     if args.details and args.what != "methods":
         raise ZsadError(f"--details applies to 'list methods'; use zsad-bench list methods --details {args.details}")
+    if args.learning_type and args.what != "methods":
+        raise ZsadError(
+            "--learning-type applies to 'list methods'; "
+            f"use zsad-bench list methods --learning-type {args.learning_type}"
+        )
     if args.what == "methods":
         from zsad_bench.detector import METHODS
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zsad_bench.cli.common import seed_or_all
+from zsad_bench.cli.common import output_folder, seed_or_all
 from zsad_bench.viz import NEEDS_MAPS
 
 
@@ -23,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"over seeds in the legend). Bars are means over seeds. {NEEDS_MAPS}",
     )
     p.add_argument("results", nargs="+", type=Path, help="results JSON files or folders of them (a sweep)")
-    p.add_argument("--out", "-o", type=Path, help="output folder (default: figures/ beside the first results file)")
+    p.add_argument(
+        "--out", "-o", type=output_folder, help="output folder (default: figures/ beside the first results file)"
+    )
     p.add_argument("--format", nargs="+", choices=("png", "pdf", "svg"), default=["png", "pdf"], help="file formats")
     p.add_argument(
         "--seed",

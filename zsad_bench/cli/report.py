@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zsad_bench.cli.common import seed_or_all
+from zsad_bench.cli.common import non_negative_int, output_file, seed_or_all
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +17,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "saved maps, and each run's provenance (config, package versions, git commit, device, timings).",
     )
     p.add_argument("results", nargs="+", type=Path, help="results JSON files or folders of them (a sweep)")
-    p.add_argument("--out", "-o", type=Path, help="HTML path (default: report.html beside the first results file)")
-    p.add_argument("--overlays", type=int, default=4, help="images per overlay grid (0: none; default: 4)")
+    p.add_argument(
+        "--out", "-o", type=output_file, help="HTML path (default: report.html beside the first results file)"
+    )
+    p.add_argument("--overlays", type=non_negative_int, default=4, help="images per overlay grid (0: none; default: 4)")
     p.add_argument(
         "--seed",
         type=seed_or_all,
@@ -37,6 +39,6 @@ def _report(args: argparse.Namespace) -> int:
     out = args.out or results_files(args.results)[0].parent / "report.html"
     if out.suffix.lower() not in (".html", ".htm"):
         raise ZsadError(f"--out {out}: the report is an HTML file; use a .html name")
-    path, names = build_report(args.results, out, overlays=max(0, args.overlays), seed=args.seed)
+    path, names = build_report(args.results, out, overlays=args.overlays, seed=args.seed)
     print(f"report with {len(names)} figures: {path} (open it in any browser, offline)")
     return 0

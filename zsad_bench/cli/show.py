@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from zsad_bench.cli.common import output_file
 from zsad_bench.viz import NEEDS_MAPS
 
 
@@ -26,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--worst", dest="mode", action="store_const", const="worst", help="worst-scored images (default)")
     mode.add_argument("--best", dest="mode", action="store_const", const="best", help="best-scored images")
     mode.add_argument("--random", dest="mode", action="store_const", const="random", help="a seeded random draw")
-    p.add_argument("--out", "-o", type=Path, help="PNG path (default: <results>_<category>_<mode>.png beside it)")
+    p.add_argument(
+        "--out", "-o", type=output_file, help="PNG path (default: <results>_<category>_<mode>.png beside it)"
+    )
     p.add_argument(
         "--seed",
         type=int,

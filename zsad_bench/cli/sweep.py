@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from zsad_bench.cli.common import output_folder
+from zsad_bench.errors import ZsadError
+from zsad_bench.paths import output_problem
 from zsad_bench.sweep import add_engine_arguments
 from zsad_bench.sweep.plan import Plan
 
@@ -21,7 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("grid", type=Path, metavar="GRID.toml", help="grid file (see README, section Sweeps)")
     p.add_argument(
-        "--out-dir", "-o", type=Path, help="sweep directory (default: [sweep] out_dir, else results/sweeps/<grid name>)"
+        "--out-dir",
+        "-o",
+        type=output_folder,
+        help="sweep directory (default: [sweep] out_dir, else results/sweeps/<grid name>)",
     )
     p.add_argument(
         "--dry-run", action="store_true", help="list the points and stages and whether each is done, cached or to run"
@@ -48,6 +54,9 @@ def execute(
     if args.dry_run:
         print(describe(out_dir, plan))
         return 0
+    problem = output_problem(Path(out_dir), folder=True)
+    if problem:
+        raise ZsadError(f"{out_dir}: cannot be the sweep directory: {problem} (set it with --out-dir)")
     from zsad_bench.sweep import build_engine
 
     engine, threads, gpus = build_engine(args, threads, gpus)

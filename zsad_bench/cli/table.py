@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from zsad_bench.cli.common import output_file
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import METRICS
 from zsad_bench.results import atomic_write_text
@@ -66,7 +67,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="paired bootstrap test of the difference in mean image AUROC between the two runs of each table "
         "(same images; level from --ci, default 95)",
     )
-    parser.add_argument("--out", type=Path, help="write to FILE instead of standard output")
+    parser.add_argument("--out", type=output_file, help="write to FILE instead of standard output")
     parser.set_defaults(func=run)
 
 

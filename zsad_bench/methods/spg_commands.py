@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zsad_bench.cli.common import output_file
 from zsad_bench.errors import ZsadError
 
 if TYPE_CHECKING:  # the parser is built on every CLI call: import the method only when atoms runs
@@ -30,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     atoms.add_argument("run", type=Path, metavar="RUN", help="results JSON of a finished spg / spg-topk run")
     atoms.add_argument("--top", type=int, default=4, help="atoms to render (largest coefficients; default 4)")
     atoms.add_argument("--patches", type=int, default=8, help="top patches (distinct images) per atom (default 8)")
-    atoms.add_argument("--out", "-o", type=Path, help="PNG path (default: RUN with suffix -atoms.png)")
+    atoms.add_argument("--out", "-o", type=output_file, help="PNG path (default: RUN with suffix -atoms.png)")
     atoms.add_argument("--leg", type=int, default=0, help="protocol leg index of the run (default 0)")
     atoms.add_argument("--seed", type=int, help="seed of the run's checkpoint (default: its first seed)")
     atoms.add_argument("--device", default="cpu", help="device for the SAE encode (default cpu)")

@@ -109,6 +109,8 @@ def plan_run(spec: RunSpec, session: Session | None = None, run_id: str | None =
 
 def run_experiment(spec: RunSpec) -> tuple[RunResult, Path]:
     """Run ``spec`` end to end; returns the result and the path of its JSON file."""
+    if spec.resume and not spec.out:  # a new run's default path never exists: there would be nothing to resume
+        raise ZsadError("--resume needs --out FILE.json, the results file of the interrupted run to continue")
     plan, session = plan_run(spec)
     out = Path(spec.out) if spec.out else Path("results") / "runs" / f"{plan.header.run_id}.json"
     check_out_path(out)

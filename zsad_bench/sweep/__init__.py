@@ -11,6 +11,7 @@ import argparse
 import os
 from typing import Any
 
+from zsad_bench.cli.common import device_list, positive_int
 from zsad_bench.errors import ZsadError
 
 
@@ -18,11 +19,17 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """``--engine``, ``--address``, ``--num-cpus``, ``--devices``, ``--threads``, ``--gpus-per-point``."""
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="where points run (default: local)")
     p.add_argument("--address", help="--engine ray: join this Ray cluster ('auto': the one this node belongs to)")
-    p.add_argument("--num-cpus", type=int, help="--engine ray without --address: CPUs of the local Ray started")
     p.add_argument(
-        "--devices", help="--engine local: comma-separated devices, one worker each (default: every visible GPU)"
+        "--num-cpus", type=positive_int, help="--engine ray without --address: CPUs of the local Ray started"
     )
-    p.add_argument("--threads", type=int, help="torch threads per point (default: 1 under Ray, else cores / workers)")
+    p.add_argument(
+        "--devices",
+        type=device_list,
+        help="--engine local: comma-separated devices, one worker each (default: every visible GPU)",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, help="torch threads per point (default: 1 under Ray, else cores / workers)"
+    )
     p.add_argument(
         "--gpus-per-point",
         type=float,

@@ -112,6 +112,9 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
         if isinstance(raw, dict) and raw.get("schema") == BENCH_SCHEMA:
             continue
         data = RunResult.from_json(raw, path).to_json()  # validated (fractions, types), v1 upgraded to v2
+        unscored = next((i for i, r in enumerate(data.get("images") or []) if r["score"] is None), None)
+        if unscored is not None:  # a NaN score (stored as null) would break every curve and histogram
+            raise ZsadError(f"{path}: images[{unscored}] has no finite score (null); re-run or remove the file")
         label = str(data.get("method_label") or data.get("method") or path.stem)
         runs.append(Run(path, data, label, list(data.get("images") or []), list(data.get("records") or [])))
     if not runs:
