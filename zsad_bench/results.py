@@ -324,8 +324,10 @@ def validate(data: Any, source: Path | str = "<memory>") -> dict[str, Any]:
     for i, img in enumerate(data.get("images", [])):
         if not _number(img.get("score")):
             raise ZsadError(f"{source}: images[{i}].score = {img.get('score')!r} is not a number; re-run")
-        if img["label"] not in (0, 1):
-            raise ZsadError(f"{source}: images[{i}].label = {img['label']!r} is not 0 (good) or 1 (anomalous); re-run")
+        if img.get("label") not in (0, 1):
+            raise ZsadError(
+                f"{source}: images[{i}].label = {img.get('label')!r} is not 0 (good) or 1 (anomalous); re-run"
+            )
     if not isinstance(data.get("complete", False), bool):
         raise ZsadError(f"{source}: complete = {data['complete']!r} is not true/false; re-run or restore the file")
     return data
