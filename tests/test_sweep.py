@@ -6,6 +6,7 @@ No method is trained here (see test_sweep_e2e.py); only the grid's datasets are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -388,3 +389,59 @@ def test_failed_points_are_listed_with_their_reason_and_the_sweep_exits_1(
     assert (
         manifest["points"][bad]["status"] == "failed" and manifest["points"][bad]["reason"] == "tests: this point fails"
     )
+
+
+def test_cache_fill_in_bf16_is_what_a_bf16_run_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The precision is part of the cache key: a bf16 fill serves a bf16 run (no forward), not an fp32 one."""
+    from zsad_bench.cli import cache
+    from zsad_bench.features import FeatureCache, FeatureStore
+
+    monkeypatch.setenv("ZSAD_BENCH_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    cache.add_parser(parser.add_subparsers(dest="command"))
+    argv = ["cache", "fill", "-b", "effnet-lite0", "-m", "spg", "--image-size", "64", "synthetic:objects"]
+    argv += ["--categories", "cap", "--split", "test", "--devices", "cpu", "--precision", "bf16"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    assert [g["precision"] for g in FeatureCache().info()["groups"]] == ["bf16"]
+    computed: list[int] = []
+    orig = FeatureStore._compute
+    monkeypatch.setattr(FeatureStore, "_compute", lambda self, idx: (computed.append(len(idx)), orig(self, idx))[1])
+    from zsad_bench.runner import RunSpec, run_experiment
+
+    spec = RunSpec(
+        "control-featnorm",
+        backbone="effnet-lite0",
+        image_size=64,
+        protocol=None,
+        targets=["synthetic:objects"],
+        categories=["cap"],
+        precision="bf16",
+        out=tmp_path / "bf16.json",
+        progress=False,
+    )
+    run_experiment(spec)
+    assert sum(computed) == 0
+    run_experiment(dataclasses.replace(spec, precision="fp32", out=tmp_path / "fp32.json"))
+    assert sum(computed) == 25  # the fp32 run extracts its own features
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cache", "fill", "-b", "dinov9", "synthetic:objects", "--devices", "cpu"],
+        ["ablate", "backbone", "--backbones", "effnet-lite0", "dinov9:448", "--dry-run", "--out-dir", "OUT"],
+    ],
+)
+def test_unknown_backbone_is_refused_before_any_work(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from zsad_bench.cli.main import main
+
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zsad-bench: error: ") and "unknown backbone 'dinov9'" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench.errors import ZsadError
+from zsad_bench.features import PRECISIONS
 from zsad_bench.paths import output_problem
 from zsad_bench.presets import PRESETS
 from zsad_bench.protocols import NAMED
@@ -134,7 +135,7 @@ def add_run_arguments(p: argparse.ArgumentParser, method_required: bool = True) 
     # --- precision policy (issue #13; zsad_bench.features) -------------------------------------------
     p.add_argument(
         "--precision",
-        choices=("fp32", "tf32", "bf16"),
+        choices=PRECISIONS,
         default="fp32",
         help="feature extraction and fit precision: fp32 (default, as the SPG release), tf32 (TF32 matmuls on "
         "CUDA), bf16 (bf16 backbone weights, float16 cache); recorded, and part of every cache and fit key",

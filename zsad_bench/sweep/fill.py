@@ -11,7 +11,9 @@ import argparse
 import sys
 from typing import Any
 
+from zsad_bench.cli.common import positive_int
 from zsad_bench.errors import ZsadError
+from zsad_bench.features import PRECISIONS
 from zsad_bench.sweep import add_engine_arguments
 from zsad_bench.sweep.engines import Task
 
@@ -26,38 +28,42 @@ def add_fill_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", metavar="DATASET", help="dataset spec, e.g. mvtec:/data/mvtec or synthetic:objects")
     p.add_argument("--backbone", "-b", required=True, help="backbone name (zsad-bench list backbones)")
     p.add_argument("--method", "-m", help="cache the layers (and paper image size) this method reads")
-    p.add_argument("--image-size", type=int, help="backbone input size S (default: the method's / backbone's)")
+    p.add_argument("--image-size", type=positive_int, help="backbone input size S (default: the method's / backbone's)")
     p.add_argument("--weights", help="local weights file/dir for the backbone")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="the precision the runs that read these features use (part of the cache key; default: fp32)",
+    )
     p.add_argument("--split", choices=("test", "train", "all"), default="all", help="images to cache (default: all)")
     p.add_argument("--categories", help="comma-separated categories (default: all)")
-    p.add_argument("--shards", type=int, help="image shards (default: one per worker)")
-    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size (default: 8, as `run` extracts)")
+    p.add_argument("--shards", type=positive_int, help="image shards (default: one per worker)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=8, help="extraction batch size (default: 8, as `run` extracts)"
+    )
     add_engine_arguments(p)
     p.set_defaults(func=cmd_fill)
 
 
 def cmd_fill(args: argparse.Namespace) -> int:
     """Plan the shards, run them on the engine, print what was computed."""
-    from zsad_bench.data import open_dataset
+    from zsad_bench.backbones import BACKBONES
+    from zsad_bench.data import check_categories, open_dataset
     from zsad_bench.paths import cache_dir
     from zsad_bench.sweep import build_engine
     from zsad_bench.sweep.plan import _digest, feature_spec, shard_stages
 
-    if args.shards is not None and args.shards < 1:
-        raise ZsadError(f"--shards {args.shards}: must be >= 1")
+    BACKBONES.get(args.backbone)  # an unknown name fails here, not once per shard
     ds = open_dataset(args.dataset)
     cats = [c for c in args.categories.split(",") if c] if args.categories else None
-    if cats and (missing := [c for c in cats if c not in ds.categories]):
-        raise ZsadError(
-            f"{args.dataset}: no categor{'y' if len(missing) == 1 else 'ies'} {', '.join(missing)}; "
-            f"available: {', '.join(ds.categories)}"
-        )
+    check_categories([ds], cats, args.dataset)
     split = None if args.split == "all" else args.split
     units = [ds.select([c], split).samples for c in ds.categories if not cats or c in cats]
     samples = [s for u in units for s in u]
     if not samples:
         raise ZsadError(f"{args.dataset}: no {args.split} images to cache")
-    feat = feature_spec(args.method, args.backbone, args.image_size, args.weights)
+    feat = feature_spec(args.method, args.backbone, args.image_size, args.weights, args.precision)
     feat.update(dataset=args.dataset, batch_size=args.batch_size)
     engine, threads, gpus = build_engine(args, None, None)
     shards = args.shards or _workers(engine, threads, gpus)

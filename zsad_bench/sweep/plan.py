@@ -400,8 +400,11 @@ def shard_stages(key: str, feat: dict[str, Any], units: list[list[Any]], shards:
     ]
 
 
-def feature_spec(method: str | None, backbone: str, image_size: int | None, weights: str | None) -> dict[str, Any]:
-    """The feature-cache group a method's points read: backbone, resolved image size, layers (paper preset)."""
+def feature_spec(
+    method: str | None, backbone: str, image_size: int | None, weights: str | None, precision: str = "fp32"
+) -> dict[str, Any]:
+    """The feature-cache group a method's points read: backbone, resolved image size, layers (paper preset),
+    precision."""
     from zsad_bench import presets
     from zsad_bench.detector import get_method_class
 
@@ -415,5 +418,5 @@ def feature_spec(method: str | None, backbone: str, image_size: int | None, weig
         "weights": weights,
         "backbone_kwargs": {},
         "layers": layers,
-        "precision": "fp32",
+        "precision": precision,
     }
