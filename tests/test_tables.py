@@ -239,3 +239,23 @@ def test_broken_pipe_that_is_not_stdout_stays_an_error(monkeypatch: pytest.Monke
     monkeypatch.setattr(table_cli, "run", fail)
     with pytest.raises(BrokenPipeError, match="a worker's pipe"):
         main(["table", "results.json"])
+
+
+def test_a_warning_is_one_line_and_debug_keeps_pythons() -> None:
+    """A warning raised inside a command prints as ``zsad-bench: warning: ...`` on one line, like errors
+    (a subprocess: pytest records warnings instead of printing them)."""
+    script = (
+        "import sys, warnings\n"
+        "import zsad_bench.cli.listing as listing\n"
+        "from zsad_bench.cli.main import main\n"
+        "def warns(args):\n"
+        "    warnings.warn('cap: all map values are equal;\\n  aupro has no thresholds', UserWarning)\n"
+        "    return 0\n"
+        "listing._list = warns\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    plain = subprocess.run([sys.executable, "-c", script, "list", "methods"], capture_output=True, text=True)
+    assert plain.returncode == 0
+    assert plain.stderr == "zsad-bench: warning: cap: all map values are equal; aupro has no thresholds\n"
+    debug = subprocess.run([sys.executable, "-c", script, "list", "methods", "--debug"], capture_output=True, text=True)
+    assert debug.returncode == 0 and "UserWarning: cap: all map values are equal;" in debug.stderr

@@ -16,6 +16,7 @@ import os
 import select
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import NoReturn
@@ -78,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
+    if not debug:  # a warning is one line too (with --debug: Python's, with the file and source line)
+        warnings.formatwarning = _one_line_warning
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe fails here, inside the try, not in the flush at exit
@@ -97,6 +100,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zsad-bench: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
+    """``zsad-bench: warning: MESSAGE``, on one line, as errors are printed."""
+    return f"zsad-bench: warning: {' '.join(str(message).split())}\n"
 
 
 def _stdout_gone() -> bool:
