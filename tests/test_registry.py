@@ -108,6 +108,15 @@ def test_list_learning_type_of_non_methods_is_refused(capsys: pytest.CaptureFixt
     )
 
 
+@pytest.mark.parametrize("what", ["methods", "backbones", "datasets"])
+def test_a_pattern_that_matches_nothing_is_an_error(capsys: pytest.CaptureFixture, what: str) -> None:
+    """It printed an empty table with exit 0, as if nothing were registered."""
+    assert main(["list", what, "zzz*"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"zsad-bench: error: no {what} match 'zzz*'; see zsad-bench list {what}\n"
+
+
 def test_cli_lists_entry_point_plugin_in_a_fresh_process() -> None:
     env = {**os.environ, "PYTHONPATH": str(TOY_PLUGIN_DIR)}
     out = subprocess.run(

@@ -85,8 +85,10 @@ def _list(args: argparse.Namespace) -> int:
             print(method_details(args.details))
             return 0
         head = ["method", "learning type", "default backbone", "backbones", "input", "paper"]
-        print(tabulate(method_rows(args.pattern, args.learning_type), head))
+        rows = method_rows(args.pattern, args.learning_type)
         controls = method_rows(args.pattern, args.learning_type, controls=True)
+        _require_some(rows + controls, "methods", args.pattern)
+        print(tabulate(rows, head))
         if controls:
             print("\ncontrols (floors, not methods; never marked best in a table):")
             print(tabulate(controls, ["control", *head[1:]]))
@@ -98,6 +100,7 @@ def _list(args: argparse.Namespace) -> int:
             [s.name, s.image_size, "yes" if s.has_text else "no", "yes" if s.offline else "no", s.source]
             for s in list_backbones(args.pattern)
         ]
+        _require_some(rows, "backbones", args.pattern)
         print(tabulate(rows, ["backbone", "input size", "text tower", "offline", "source"]))
         errors = BACKBONES.load_errors
     else:
@@ -108,8 +111,15 @@ def _list(args: argparse.Namespace) -> int:
             for a in list_datasets()
             if fnmatch.fnmatch(a.scheme, args.pattern)
         ]
+        _require_some(rows, "datasets", args.pattern)
         print(tabulate(rows, ["dataset spec", "description"]))
         errors = DATASETS.load_errors
     for name, err in errors.items():
         print(f"warning: plugin '{name}' failed to import: {err}")
     return 0
+
+
+def _require_some(rows: list, what: str, pattern: str) -> None:
+    """An empty listing is an error naming the pattern, not an empty table (exit 0)."""
+    if not rows:
+        raise ZsadError(f"no {what} match '{pattern}'; see zsad-bench list {what}")

@@ -115,7 +115,10 @@ def _notes(model: Model, key: str, metric: str, cols: Sequence[str], body: list[
         without = [c for c in cols if c not in with_ci]
         note = "[low, high]: bootstrap confidence interval (images resampled within each category and label)."
         if without:
-            note += f" No interval for {', '.join(without)}: no per-image records (results schema v1 or reported)."
+            note += (
+                f" No interval for {', '.join(without)}: no per-image records (results schema v1 or reported), or "
+                "only one class of images in a category."
+            )
         notes.append(esc(note))
     controls = [c for c in cols if model.col(key, c)["control"]]
     if controls:
