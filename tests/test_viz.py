@@ -664,3 +664,23 @@ def test_report_seed_option_draws_that_seed(tmp_path: Path, capsys: pytest.Captu
         f"zsad-bench: error: {path}: --seed 5: this run has no seed 5; its seeds are 0, 1\n"
     )
     assert not (tmp_path / "r5.html").exists()
+
+
+def test_a_one_class_category_panel_says_why_it_has_no_curve(tmp_path: Path) -> None:
+    import warnings
+
+    path = write_run(tmp_path, "one")
+    data = json.loads(path.read_text())
+    for im in data["images"]:
+        if im["category"] == "cat_a":
+            im["label"], im["defect"] = 0, "good"
+    path.write_text(json.dumps(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig = plots.curve_figure(load_runs([path]), "roc")
+    assert fig is not None and not [w for w in caught if "legend" in str(w.message).lower()]
+    panels = {ax.get_title(): ax for ax in fig.figure.axes if ax.get_title()}
+    assert [t.get_text() for t in panels["cat_a"].texts] == ["one class of images only:\nno curve"]
+    assert len(panels["cat_a"].get_lines()) == 1  # the chance diagonal only
+    assert panels["cat_b"].get_legend() is not None and not panels["cat_b"].texts
+    plots.close([fig])

@@ -132,10 +132,13 @@ def curve_figure(runs: Sequence[Run], kind: str, seed: Seed = None) -> FigureOut
     score, score_name = (roc_auc_score, "AUROC") if kind == "roc" else (average_precision_score, "AP")
     fig, axes = _grid(len(cats))
     for ax, cat in zip(axes, cats, strict=False):
+        one_class = False
         for r in have:
             lines, values = [], []
             for s in r.seeds if every else [chosen[r]]:
                 recs = r.images_of(cat, s)
+                if recs and len({x["label"] for x in recs}) < 2:
+                    one_class = True
                 if not recs or len({x["label"] for x in recs}) < 2:
                     continue
                 x, y = image_curve(recs, kind)
@@ -146,6 +149,9 @@ def curve_figure(runs: Sequence[Run], kind: str, seed: Seed = None) -> FigureOut
                 lines[0].set_label(f"{r.label} ({score_name} {_mean_std(values)})" if every else r.label)
         if every and ax.get_lines():
             ax.legend(fontsize=6, loc="lower right")
+        if one_class and not ax.get_lines():
+            ax.text(0.5, 0.5, "one class of images only:\nno curve", ha="center", va="center", fontsize=7,
+                    color="0.4", transform=ax.transAxes)  # fmt: skip
         ax.set_title(cat, fontsize=9)
         ax.set_xlim(-0.01, 1.01)
         ax.set_ylim(-0.01, 1.01)
@@ -153,8 +159,9 @@ def curve_figure(runs: Sequence[Run], kind: str, seed: Seed = None) -> FigureOut
         ax.set_ylabel("true-positive rate" if kind == "roc" else "precision", fontsize=8)
         if kind == "roc":
             ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
-    if not every:
-        axes[0].legend(fontsize=7, loc="lower right")
+    labelled = [ax for ax in axes if any(not ln.get_label().startswith("_") for ln in ax.get_lines())]
+    if not every and labelled:
+        labelled[0].legend(fontsize=7, loc="lower right")
     name = "image_roc" if kind == "roc" else "image_pr"
     title = "Image ROC curves" if kind == "roc" else "Image precision-recall curves"
     if every:
