@@ -325,26 +325,37 @@ def test_ablate_tau_is_one_shared_fit_and_labels_name_the_points(tmp_path: Path)
     assert set(plan.leaders.values()) == {points[0].id}  # aggregation is inference-only: one SAE for all
 
 
-def test_cache_fill_extracts_once_and_runs_then_hit_the_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def fill_args(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> argparse.Namespace:
+    """``cache fill`` of synthetic:objects/cap (test split, spg's layers at 64 px) into a cache under ``tmp_path``."""
     from zsad_bench.cli import cache
-    from zsad_bench.features import FeatureStore
 
     monkeypatch.setenv("ZSAD_BENCH_CACHE", str(tmp_path / "cache"))
     parser = argparse.ArgumentParser()
     cache.add_parser(parser.add_subparsers(dest="command"))
     argv = ["cache", "fill", "--backbone", "effnet-lite0", "-m", "spg", "--image-size", "64", "synthetic:objects"]
-    argv += ["--categories", "cap", "--split", "test", "--devices", "cpu", "--threads", "1", "--shards", "2"]
-    args = parser.parse_args(argv)
+    return parser.parse_args([*argv, "--categories", "cap", "--split", "test", "--devices", "cpu", *extra])
+
+
+def count_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch sizes of every backbone forward the feature store makes from now on."""
+    from zsad_bench.features import FeatureStore
+
+    computed: list[int] = []
+    orig = FeatureStore._compute
+    monkeypatch.setattr(FeatureStore, "_compute", lambda self, idx: (computed.append(len(idx)), orig(self, idx))[1])
+    return computed
+
+
+def test_cache_fill_extracts_once_and_runs_then_hit_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = fill_args(tmp_path, monkeypatch, "--threads", "1", "--shards", "2")
     assert args.func(args) == 0
     assert "25 images in 2 shard(s), 25 computed, 0 already cached" in capsys.readouterr().out
     assert args.func(args) == 0
     assert "25 images in 2 shard(s), 0 computed, 25 already cached" in capsys.readouterr().out
     # a run over the same images (spg's layers, the same input size) does no backbone forward
-    computed: list[int] = []
-    orig = FeatureStore._compute
-    monkeypatch.setattr(FeatureStore, "_compute", lambda self, idx: (computed.append(len(idx)), orig(self, idx))[1])
+    computed = count_forwards(monkeypatch)
     from zsad_bench.runner import RunSpec, run_experiment
 
     spec = RunSpec(
@@ -395,20 +406,12 @@ def test_cache_fill_in_bf16_is_what_a_bf16_run_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The precision is part of the cache key: a bf16 fill serves a bf16 run (no forward), not an fp32 one."""
-    from zsad_bench.cli import cache
-    from zsad_bench.features import FeatureCache, FeatureStore
+    from zsad_bench.features import FeatureCache
 
-    monkeypatch.setenv("ZSAD_BENCH_CACHE", str(tmp_path / "cache"))
-    parser = argparse.ArgumentParser()
-    cache.add_parser(parser.add_subparsers(dest="command"))
-    argv = ["cache", "fill", "-b", "effnet-lite0", "-m", "spg", "--image-size", "64", "synthetic:objects"]
-    argv += ["--categories", "cap", "--split", "test", "--devices", "cpu", "--precision", "bf16"]
-    args = parser.parse_args(argv)
+    args = fill_args(tmp_path, monkeypatch, "--precision", "bf16")
     assert args.func(args) == 0
     assert [g["precision"] for g in FeatureCache().info()["groups"]] == ["bf16"]
-    computed: list[int] = []
-    orig = FeatureStore._compute
-    monkeypatch.setattr(FeatureStore, "_compute", lambda self, idx: (computed.append(len(idx)), orig(self, idx))[1])
+    computed = count_forwards(monkeypatch)
     from zsad_bench.runner import RunSpec, run_experiment
 
     spec = RunSpec(
