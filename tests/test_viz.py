@@ -395,7 +395,7 @@ def test_cli_plot_and_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert not math.isnan(load_runs([path])[0].metric("cat_a", "image_auroc"))
 
 
-@pytest.mark.parametrize("command", ["plot", "report"])
+@pytest.mark.parametrize("command", ["plot", "report", "table"])
 def test_null_image_score_is_one_line_naming_the_record(
     tmp_path: Path, capsys: pytest.CaptureFixture, command: str
 ) -> None:
@@ -404,8 +404,8 @@ def test_null_image_score_is_one_line_naming_the_record(
     data = json.loads(path.read_text())
     data["images"][3]["score"] = None
     path.write_text(json.dumps(data))
-    out = tmp_path / ("figs" if command == "plot" else "r.html")
-    assert _main([command, str(path), "-o", str(out)]) == 2
+    out = tmp_path / {"plot": "figs", "report": "r.html", "table": "t.md"}[command]
+    assert _main([command, str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"zsad-bench: error: {path}: images[3] has no finite score (null); re-run or remove the file"
 

@@ -139,15 +139,7 @@ class RunResult:
 
     @classmethod
     def load(cls, path: Path) -> RunResult:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ZsadError(f"{path}: results file not found") from None
-        except json.JSONDecodeError as exc:
-            raise ZsadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run or delete it") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ZsadError(f"{path}: unreadable results file ({exc}); check the file") from None
-        return cls.from_json(data, path)
+        return cls.from_json(read_json(path), path)
 
     def save(self, path: Path, overwrite: bool = False) -> None:
         """Atomically write ``path`` (JSON) and ``path.with_suffix('.csv')`` (long form)."""
@@ -187,6 +179,27 @@ class RunResult:
 def csv_path(path: Path) -> Path:
     """The long-form CSV written beside a results JSON."""
     return Path(path).with_suffix(".csv")
+
+
+def read_json(path: Path | str) -> Any:
+    """The JSON document of a results (or benchmark) file; missing, unreadable or not JSON is one line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ZsadError(f"{path}: results file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ZsadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run or remove it") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ZsadError(f"{path}: unreadable results file ({exc}); check the file") from None
+
+
+def require_finite_scores(images: Sequence[Any], source: Path | str) -> None:
+    """Refuse per-image records (dicts or :class:`ImageRecord`) whose score is null/NaN/inf: curves, histograms
+    and intervals need every score (the file itself is valid, so only the commands that use scores check)."""
+    for i, img in enumerate(images):
+        score = img["score"] if isinstance(img, dict) else img.score
+        if score is None or not math.isfinite(score):
+            raise ZsadError(f"{source}: images[{i}] has no finite score (null); re-run or remove the file")
 
 
 def results_files(paths: Sequence[Path | str]) -> list[Path]:

@@ -8,7 +8,6 @@ whether it is a control (a floor, not a method) and whether its run finished (``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +18,14 @@ import pandas as pd
 
 from zsad_bench.errors import ZsadError
 from zsad_bench.metrics import METRICS
-from zsad_bench.results import BENCH_SCHEMA, READABLE_SCHEMAS, RunResult, results_files
+from zsad_bench.results import (
+    BENCH_SCHEMA,
+    READABLE_SCHEMAS,
+    RunResult,
+    read_json,
+    require_finite_scores,
+    results_files,
+)
 from zsad_bench.tables.names import canonical_protocol, dataset_name, dataset_names, leg_setting, reported_target
 
 BENCH_KEYS = ("method", "backbone", "device", "dtype", "batch_size", "component")
@@ -47,12 +53,7 @@ def is_control(learning_type: str, method: str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ZsadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run or remove it") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ZsadError(f"{path}: unreadable ({exc}); check the file") from None
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("schema") not in (*READABLE_SCHEMAS, BENCH_SCHEMA):
         schema = data.get("schema") if isinstance(data, dict) else None
         raise ZsadError(
@@ -62,13 +63,13 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _load_run(path: Path) -> tuple[RunResult, list[Mapping[str, Any]]]:
-    """The run and its per-image records (schema v2 ``images``; v1 files have none).
+def _load_run(path: Path, data: dict) -> tuple[RunResult, list[Mapping[str, Any]]]:
+    """The run and its per-image records (schema v2 ``images``; v1 files have none) of ``data``, read from ``path``.
 
-    Read through :meth:`RunResult.load`, so its validation (schema, fractions in [0, 1]) applies here too.
+    Built through :meth:`RunResult.from_json`, so its validation (schema, fractions in [0, 1]) applies here too.
     """
     try:
-        run = RunResult.load(path)
+        run = RunResult.from_json(data, path)
         images = [vars(r) for r in run.images]
         run.long_rows()  # every record readable
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # hand-edited files: one line, no traceback
@@ -153,7 +154,8 @@ def scan(paths: Sequence[Path | str]) -> Scan:
         if data["schema"] == BENCH_SCHEMA:
             bench_rows += _bench_rows(data, str(path))
             continue
-        run, images = _load_run(path)
+        run, images = _load_run(path, data)
+        require_finite_scores(images, path)
         eval_rows += _eval_rows(run, path)
         suffix = _shot_suffix(run.protocol)
         for i, rec in enumerate(images):
@@ -171,8 +173,6 @@ def scan(paths: Sequence[Path | str]) -> Scan:
                 }
             except (KeyError, TypeError, ValueError) as exc:
                 raise ZsadError(f"{path}: per-image record {i} is malformed ({exc!r}); re-run or remove it") from None
-            if row["label"] not in (0, 1) or not math.isfinite(row["score"]):
-                raise ZsadError(f"{path}: per-image record {i} needs label 0/1 and a finite score; re-run or remove it")
             image_rows.append(row)
     frame = pd.DataFrame(eval_rows, columns=list(LONG_COLUMNS))
     frame["value"] = frame["value"].astype(float)

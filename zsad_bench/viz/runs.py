@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad_bench.errors import ZsadError
-from zsad_bench.results import BENCH_SCHEMA, RunResult, results_files
+from zsad_bench.results import BENCH_SCHEMA, RunResult, read_json, require_finite_scores, results_files
 
 
 @dataclass(eq=False)
@@ -103,18 +103,11 @@ def load_runs(paths: list[Path | str]) -> list[Run]:
     """Every evaluation results file under ``paths`` (benchmark files are skipped); labels made unique."""
     runs = []
     for path in results_files(paths):
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ZsadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); re-run or remove it") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ZsadError(f"{path}: unreadable ({exc}); check the file") from None
+        raw = read_json(path)
         if isinstance(raw, dict) and raw.get("schema") == BENCH_SCHEMA:
             continue
         data = RunResult.from_json(raw, path).to_json()  # validated (fractions, types), v1 upgraded to v2
-        unscored = next((i for i, r in enumerate(data.get("images") or []) if r["score"] is None), None)
-        if unscored is not None:  # a NaN score (stored as null) would break every curve and histogram
-            raise ZsadError(f"{path}: images[{unscored}] has no finite score (null); re-run or remove the file")
+        require_finite_scores(data.get("images") or [], path)  # a null score would break every curve
         label = str(data.get("method_label") or data.get("method") or path.stem)
         runs.append(Run(path, data, label, list(data.get("images") or []), list(data.get("records") or [])))
     if not runs:
