@@ -130,6 +130,7 @@ def test_point_ids_survive_grid_edits(tmp_path: Path) -> None:
         (GRID.replace("[grid]", "[grdi]"), 13, "unknown section [grdi]"),
         (GRID.replace('aux_categories = "cap"', 'out = "x.json"'), 8, "out: set by the sweep"),
         (GRID.replace("[sweep]", "[sweep"), 0, "invalid TOML"),
+        (GRID.replace('backbone = "effnet-lite0"', 'backbone = "dinov9"'), 5, "unknown backbone 'dinov9'; known: "),
     ],
 )
 def test_bad_grids_are_one_line_errors_with_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:

@@ -267,11 +267,16 @@ def resolve(variant: Variant, where: Any) -> tuple[Any, dict[str, Any]]:
     except ZsadError as exc:
         raise ZsadError(f"{where('set')}: {exc}") from None
     from zsad_bench import presets
+    from zsad_bench.backbones import BACKBONES
     from zsad_bench.protocols import target_kind
 
     # the preset's backbone, size and layers, as the runner resolves them (from names: no dataset is opened)
     kind = target_kind(spec.protocol, spec.targets)
     settings = presets.resolve(cls, spec.preset, kind, spec.backbone, spec.method_config, spec.image_size)
+    try:  # an unknown name is refused while planning, not by every point it would fail
+        BACKBONES.get(settings.backbone)
+    except ZsadError as exc:
+        raise ZsadError(f"{where('backbone')}: {exc}") from None
     resolved = {
         f.name: getattr(spec, f.name)
         for f in dataclasses.fields(spec)
@@ -401,7 +406,7 @@ def shard_stages(key: str, feat: dict[str, Any], units: list[list[Any]], shards:
 
 
 def feature_spec(
-    method: str | None, backbone: str, image_size: int | None, weights: str | None, precision: str = "fp32"
+    method: str | None, backbone: str, image_size: int | None, weights: str | None, precision: str
 ) -> dict[str, Any]:
     """The feature-cache group a method's points read: backbone, resolved image size, layers (paper preset),
     precision."""
