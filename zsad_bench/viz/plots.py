@@ -137,9 +137,10 @@ def curve_figure(runs: Sequence[Run], kind: str, seed: Seed = None) -> FigureOut
             lines, values = [], []
             for s in r.seeds if every else [chosen[r]]:
                 recs = r.images_of(cat, s)
-                if recs and len({x["label"] for x in recs}) < 2:
+                if not recs:
+                    continue
+                if len({x["label"] for x in recs}) < 2:
                     one_class = True
-                if not recs or len({x["label"] for x in recs}) < 2:
                     continue
                 x, y = image_curve(recs, kind)
                 values.append(score([x["label"] for x in recs], [x["score"] for x in recs]))
